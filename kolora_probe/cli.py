@@ -1,0 +1,48 @@
+"""``kolora-probe`` command line: one subcommand per module ``kolora_probe/cli_<name>.py``.
+
+Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and
+imports heavy libraries (torch, transformers) only inside ``run`` so ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .plan import PlanError
+
+SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kolora-probe",
+                                     description="Validate a machine, model and LoRA/QLoRA plan before fine-tuning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"kolora_probe.cli_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"kolora_probe.cli_{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except PlanError as exc:
+        for line in exc.lines:
+            print(f"kolora-probe {args.command}: plan error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kolora-probe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Build a causal LM on the meta device from its config: structure and parameter shapes, no weights, no memory.
+
+Uses accelerate's ``init_empty_weights``. Some construction paths lose weight tying on the meta device
+(e.g. GPT-2's ``lm_head`` ↔ ``transformer.wte``), which would over-count parameters by the head's size;
+:func:`build_meta_model` re-applies the config's tying so shared parameters exist once.
+"""
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a plan dtype name (fp32/fp16/bf16) to a torch dtype."""
+    return _DTYPES[name]
+
+
+def build_meta_model(config, dtype: str = "fp32"):
+    """Instantiate ``AutoModelForCausalLM`` for ``config`` on the meta device with tied weights restored."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
+    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
+                                                                 "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts; a parameter shared by several modules counts once."""
+    total = trainable = 0
+    for p in model.parameters():  # nn.Module.parameters() already de-duplicates shared tensors
+        n = p.numel()
+        # bitsandbytes Params4bit store two 4-bit values per uint8 element
+        if getattr(p, "quant_state", None) is not None and p.dtype == torch.uint8:
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

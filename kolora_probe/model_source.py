@@ -1,0 +1,104 @@
+"""Where a model comes from: a local directory, the Hugging Face cache, or the hub.
+
+:func:`resolve_model_source` never substitutes another model: it either finds the files of the model
+that was asked for, or raises :class:`ModelNotFound` with one line saying what was tried and how to fix it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ModelNotFound(FileNotFoundError):
+    """The requested model could not be found; the message is one actionable line."""
+
+
+class RemoteCodeRefused(ValueError):
+    """The model needs its repository's own Python code (trust_remote_code), which kolora-probe refuses."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str                 # what the user asked for (hub id or directory)
+    kind: str                     # "local" | "cache" | "hub"
+    path: Path                    # a local directory holding config.json (snapshot dir for cache/hub)
+    revision: str = "main"
+    attempts: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(sorted(p.name for p in self.path.iterdir() if p.is_file()))
+
+
+def hub_offline() -> bool:
+    """True when huggingface_hub is told not to use the network (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "true", "TRUE")
+
+
+def _looks_like_repo_id(model_id: str) -> bool:
+    parts = model_id.split("/")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not model_id.startswith(("/", "~"))
+
+
+def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
+    """Find ``config.json`` for ``model_id``: local dir, then HF cache, then the hub (unless offline)."""
+    attempts: list[str] = []
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return ModelSource(model_id, "local", local.resolve(), revision, (f"local directory {local}: found",))
+        raise ModelNotFound(
+            f"model directory {local} has no config.json; point --model (or [model].id in the plan) at a directory "
+            f"written by save_pretrained(), or add its config.json")
+    attempts.append(f"local directory {local}: does not exist")
+    if not _looks_like_repo_id(model_id):
+        raise ModelNotFound(f"model {model_id!r} not found: {'; '.join(attempts)}; it is not a hub id either "
+                            f"(org/name); fix --model or [model].id in the plan")
+
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return ModelSource(model_id, "cache", Path(cached).parent, revision,
+                           tuple(attempts + [f"HF cache {constants.HF_HUB_CACHE}: found"]))
+    attempts.append(f"HF cache {constants.HF_HUB_CACHE}: not cached")
+    if hub_offline():
+        attempts.append("hub: skipped (HF_HUB_OFFLINE is set)")
+    else:
+        try:
+            path = hf_hub_download(model_id, "config.json", revision=revision)
+            return ModelSource(model_id, "hub", Path(path).parent, revision, tuple(attempts + ["hub: downloaded"]))
+        except Exception as exc:  # noqa: BLE001 - any hub failure is reported, never hidden
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            attempts.append(f"hub: {type(exc).__name__}: {reason[:160]}")
+    raise ModelNotFound(
+        f"model {model_id!r} (revision {revision}) not found; tried " + "; ".join(attempts)
+        + ". Fix: pass --model DIR with a local copy (save_pretrained), set HF_HOME to a cache that holds it, "
+          "or run where the hub is reachable without HF_HUB_OFFLINE")
+
+
+def load_config(source: ModelSource):
+    """Load the model's ``PretrainedConfig`` without trusting remote code."""
+    import json
+
+    from transformers import AutoConfig
+
+    raw = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in raw:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if raw.get("model_type") not in CONFIG_MAPPING:
+            raise RemoteCodeRefused(
+                f"{source.model_id}: config.json declares auto_map (custom code) and model_type "
+                f"{raw.get('model_type')!r} is not built into transformers; kolora-probe never sets "
+                f"trust_remote_code=True. Fix: use a model whose architecture transformers ships, or a converted copy")
+    try:
+        return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise RemoteCodeRefused(f"{source.model_id}: needs trust_remote_code=True, which kolora-probe refuses "
+                                    f"({str(exc).splitlines()[0][:200]})") from None
+        raise

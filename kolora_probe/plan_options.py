@@ -1,0 +1,102 @@
+"""Command-line overrides of plan fields, shared by the pytest options (conftest.py) and the CLI.
+
+Each :class:`PlanOption` maps one option (``--r``) to one plan key (``lora.r``). Both front ends add the
+same options and call :func:`overrides_from` to turn parsed values into :func:`plan.apply_overrides` input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, Plan, apply_overrides, default_plan, load_plan
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+
+
+@dataclass(frozen=True)
+class PlanOption:
+    flag: str
+    key: str                      # dotted plan key
+    convert: Callable[[str], Any] | None
+    help: str
+    choices: tuple[str, ...] | None = None
+    boolean: bool = False         # adds --flag / --no-flag
+
+    @property
+    def dest(self) -> str:
+        return "plan_" + self.flag.lstrip("-").replace("-", "_")
+
+
+PLAN_OPTIONS: tuple[PlanOption, ...] = (
+    PlanOption("--model", "model.id", str, "hub id or local directory of the model (overrides [model].id)"),
+    PlanOption("--revision", "model.revision", str, "hub revision (overrides [model].revision)"),
+    PlanOption("--tokenizer-class", "model.tokenizer_class", str, "tokenizer class (overrides [model].tokenizer_class)"),
+    PlanOption("--targets", "lora.target_modules", _csv, "comma-separated LoRA target modules (overrides [lora].target_modules)"),
+    PlanOption("--r", "lora.r", int, "LoRA rank (overrides [lora].r)"),
+    PlanOption("--alpha", "lora.alpha", float, "LoRA alpha (overrides [lora].alpha)"),
+    PlanOption("--lora-dropout", "lora.dropout", float, "LoRA dropout (overrides [lora].dropout)"),
+    PlanOption("--expected-trainable", "lora.expected_trainable_params", int,
+               "expected trainable parameter count (overrides [lora].expected_trainable_params)"),
+    PlanOption("--dtype", "training.dtype", str, "compute dtype (overrides [training].dtype)", DTYPES),
+    PlanOption("--weights-dtype", "training.weights_dtype", str, "frozen weight dtype (overrides [training].weights_dtype)", DTYPES),
+    PlanOption("--quantization", "training.quantization", str, "overrides [training].quantization", QUANTIZATIONS),
+    PlanOption("--batch-size", "training.batch_size", int, "overrides [training].batch_size"),
+    PlanOption("--seq-len", "training.seq_len", int, "overrides [training].seq_len"),
+    PlanOption("--optimizer", "training.optimizer", str, "overrides [training].optimizer", OPTIMIZERS),
+    PlanOption("--gradient-checkpointing", "training.gradient_checkpointing", None,
+               "overrides [training].gradient_checkpointing", boolean=True),
+    PlanOption("--budget-gib", "budget.gpu_memory_gib", float, "GPU memory budget in GiB (overrides [budget].gpu_memory_gib)"),
+)
+
+
+def _safe(convert: Callable[[str], Any], flag: str) -> Callable[[str], Any]:
+    """Keep the raw string when conversion fails, so plan validation reports it with the allowed values."""
+    def conv(value: str) -> Any:
+        try:
+            return convert(value)
+        except (TypeError, ValueError):
+            return value
+    conv.__name__ = flag
+    return conv
+
+
+def add_plan_options(add: Callable[..., Any], prefix_help: str = "") -> None:
+    """Add every plan option through ``add`` (argparse's add_argument or pytest's parser.addoption)."""
+    add("--plan", dest="plan_path", default=None,
+        help=prefix_help + "training plan TOML file (default: plans/kogpt2-lora.toml)")
+    for opt in PLAN_OPTIONS:
+        if opt.boolean:
+            add(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
+            add("--no-" + opt.flag[2:], dest=opt.dest, action="store_false", default=None, help=opt.help)
+        else:
+            # choices are validated by the plan schema (one line naming the option and the allowed values)
+            add(opt.flag, dest=opt.dest, default=None, type=_safe(opt.convert, opt.flag), help=opt.help)
+
+
+def overrides_from(get: Callable[[str], Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(``{"table.key": value}``, ``{"table.key": "--flag"}``) for every option that was given."""
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for opt in PLAN_OPTIONS:
+        v = get(opt.dest)
+        if v is not None:
+            values[opt.key] = v
+            names[opt.key] = opt.flag
+    return values, names
+
+
+def plan_from_options(plan_path: str | None, get: Callable[[str], Any]) -> Plan:
+    """Load the plan (or the default) and apply the option overrides. Raises PlanError."""
+    plan = load_plan(plan_path) if plan_path else default_plan()
+    values, names = overrides_from(get)
+    return apply_overrides(plan, values, names) if values else plan
+
+
+def plan_from_namespace(ns: Any) -> Plan:
+    return plan_from_options(getattr(ns, "plan_path", None), lambda dest: getattr(ns, dest, None))
+
+
+def describe(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
