@@ -1,0 +1,122 @@
+"""Installed packages against a requirements file (``packaging`` specifiers, ``importlib.metadata``).
+
+Nothing is imported: versions and ``Requires-Dist`` come from the installed distributions' metadata, so the
+check is fast and works even when a package is broken at import time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+
+class RequirementsFileError(ValueError):
+    """The requirements file cannot be read or has a line packaging cannot parse."""
+
+
+@dataclass(frozen=True)
+class RequirementStatus:
+    name: str                   # canonical distribution name
+    specifier: str              # e.g. "==2.13.0" ("" = any version)
+    installed: str | None       # installed version, None if missing
+    satisfied: bool
+    line: int = 0               # line in the requirements file (0 = a dependency, not a line)
+    required_by: str | None = None
+
+    @property
+    def message(self) -> str:
+        want = f"{self.name}{self.specifier}"
+        who = f" (required by {self.required_by})" if self.required_by else ""
+        if self.installed is None:
+            return f"{want}{who} is not installed; fix: pip install '{want}'"
+        if not self.satisfied:
+            return f"{want}{who} is required but {self.name} {self.installed} is installed; fix: pip install '{want}'"
+        return f"{self.name} {self.installed} satisfies {want or self.name}{who}"
+
+
+def parse_requirements(path: str | Path) -> list[tuple[int, Requirement]]:
+    """(line number, Requirement) for every requirement line whose environment marker applies here."""
+    p = Path(path)
+    if not p.is_file():
+        raise RequirementsFileError(f"{p}: requirements file not found; pass an existing file with --requirements")
+    out: list[tuple[int, Requirement]] = []
+    for no, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#") or line.startswith("-"):
+            continue  # comments and pip options (-r, --index-url, -e) are pip's business, not a package
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as exc:
+            raise RequirementsFileError(f"{p}:{no}: cannot parse {line!r} ({exc}); write it as name<specifier>, "
+                                        f"e.g. peft>=0.21") from None
+        if req.marker is None or req.marker.evaluate():
+            out.append((no, req))
+    return out
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def requirement_status(req: Requirement, line: int = 0, required_by: str | None = None) -> RequirementStatus:
+    name = canonicalize_name(req.name)
+    version = _installed(req.name)
+    ok = False
+    if version is not None:
+        try:
+            ok = req.specifier.contains(Version(version), prereleases=True)
+        except InvalidVersion:
+            ok = not str(req.specifier)
+    return RequirementStatus(name, str(req.specifier), version, ok, line, required_by)
+
+
+def check_requirements(path: str | Path) -> list[RequirementStatus]:
+    """One status per requirement line of ``path``."""
+    return [requirement_status(req, no) for no, req in parse_requirements(path)]
+
+
+def _dependencies(dist_name: str, extras: set[str]) -> list[Requirement]:
+    try:
+        reqs = metadata.requires(dist_name) or []
+    except metadata.PackageNotFoundError:
+        return []
+    out = []
+    for text in reqs:
+        try:
+            r = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if r.marker is not None:
+            envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if not any(r.marker.evaluate(env) for env in envs):
+                continue
+        out.append(r)
+    return out
+
+
+def check_dependency_graph(path: str | Path) -> list[RequirementStatus]:
+    """Like ``pip check`` restricted to the closure of the file's packages: every Requires-Dist satisfied.
+
+    Returns the status of every dependency edge (one per (package, dependency) pair) reachable from the file.
+    """
+    seen: set[str] = set()
+    queue = [(req.name, set(req.extras)) for _no, req in parse_requirements(path)]
+    edges: list[RequirementStatus] = []
+    while queue:
+        name, extras = queue.pop()
+        key = canonicalize_name(name) + "[" + ",".join(sorted(extras)) + "]"
+        if key in seen or _installed(name) is None:
+            continue
+        seen.add(key)
+        parent = f"{canonicalize_name(name)} {_installed(name)}"
+        for dep in _dependencies(name, extras):
+            edges.append(requirement_status(dep, 0, parent))
+            queue.append((dep.name, set(dep.extras)))
+    return edges
