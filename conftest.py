@@ -39,6 +39,8 @@ RESULTS_KEY = pytest.StashKey[dict]()
 EVIDENCE_KEY = pytest.StashKey[list]()
 EXTRAS_KEY = pytest.StashKey[list]()
 STARTED_KEY = pytest.StashKey[float]()
+NO_CUDA_KEY = pytest.StashKey[str]()
+CUDA_REASON_KEY = pytest.StashKey[object]()
 FAMILY_OF = {  # check module → requirement family shown in the summary
     "test_plan": "plan", "test_environment": "environment", "test_gpu": "gpu",
     "test_model": "model", "test_tokenizer": "tokenizer", "test_structure": "structure", "test_lora": "lora",
@@ -213,6 +215,25 @@ def evidence(request: pytest.FixtureRequest) -> Evidence:
     return Evidence(request.node)
 
 
+def _cuda_reason(config: pytest.Config) -> str | None:
+    if CUDA_REASON_KEY not in config.stash:
+        from kolora_probe.environment import cuda_unavailable_reason
+
+        config.stash[CUDA_REASON_KEY] = cuda_unavailable_reason()
+    return config.stash[CUDA_REASON_KEY]  # type: ignore[return-value]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``gpu`` check on a machine without a usable CUDA GPU fails before its fixtures run, with the reason."""
+    if item.get_closest_marker("gpu") is None:
+        return
+    reason = _cuda_reason(item.config)
+    if reason:
+        item.stash[NO_CUDA_KEY] = reason
+        pytest.fail(f"no usable CUDA GPU: {reason}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def cuda_device():
     """The CUDA device for ``gpu`` checks. Without a usable one the check FAILS with the reason (never skips)."""
@@ -250,6 +271,8 @@ def _one_line(report: pytest.TestReport) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
+    if report.when == "setup" and report.failed and NO_CUDA_KEY in item.stash:
+        report.when = "call"  # a missing GPU is the check's failure, not an error in the test's set-up
     _record(item, report)
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return
