@@ -251,3 +251,31 @@ def test_python_dash_m_monitor_takes_the_same_options(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "kolora_probe.monitor", "--interval", "-1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--interval must be > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pytest_fixture_monitors_a_check_and_attaches_the_timeline(tmp_path):
+    """checks/fixtures_monitor.py end to end: a check using ``gpu_monitor`` gets peak evidence in junit.xml and
+    its timeline/summary/log under reports/monitor/<check>/."""
+    check = tmp_path / "test_uses_monitor.py"
+    check.write_text("import time\n"
+                     "def test_allocates(gpu_monitor):\n"
+                     "    assert gpu_monitor is not None\n"
+                     "    block = bytearray(64 * 2**20)\n"
+                     "    time.sleep(0.6)\n"
+                     "    del block\n", encoding="utf-8")
+    reports = tmp_path / "reports"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", str(check),
+                        "--reports-dir", str(reports), "--junitxml", str(tmp_path / "junit.xml"),
+                        "--monitor-interval", "0.1", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import xml.etree.ElementTree as ET
+
+    props = {p.get("name"): json.loads(p.get("value"))
+             for p in ET.parse(tmp_path / "junit.xml").iter("property")}
+    assert props["monitor_samples"]["actual"] >= 3
+    assert props["monitor_peak_process_rss_bytes"]["actual"] > 64 * 2**20   # saw the 64 MiB block
+    assert "monitor_peak_gpu_memory_bytes" in props
+    out = reports / "monitor" / "test_uses_monitor.py_test_allocates"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sample_count"] == props["monitor_samples"]["actual"] == len(read_samples(out / "samples.jsonl"))
+    assert (out / "timeline.png").read_bytes().startswith(PNG_MAGIC)
