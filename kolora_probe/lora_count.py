@@ -1,0 +1,324 @@
+"""Exact LoRA trainable-parameter counts, analytic and by PEFT, with the consequences of the chosen targets.
+
+Analytic count per targeted layer: ``r * (in_features + out_features)`` (LoRA A is r×in, B is out×r; for an
+embedding A is r×num_embeddings, B is dim×r), plus biases (``bias="all"``: every ``*.bias`` parameter;
+``"lora_only"``: the targeted layers' biases) and the full parameters of ``modules_to_save`` layers. The same
+targets are applied with PEFT (``get_peft_model`` on a fresh meta-device model: no weights, no memory) and
+``get_nb_trainable_parameters()`` must give the same number.
+
+Target names are matched like PEFT (exact name or dotted suffix). :func:`resolve_targets` raises
+:class:`TargetError` (one line, with the fix) for an empty list, a name that matches nothing (listing close names)
+or a name that matches only modules LoRA cannot wrap.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
+
+FIX = "fix [lora].target_modules or --targets"
+LORA_ADAPTER_BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype=True)
+
+
+class TargetError(ValueError):
+    """The LoRA target list cannot be applied; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str        # tied_target | conv1d_fan_in_fan_out | partial_kind | adapter_size | peft_warning
+    severity: str    # info | warning
+    message: str
+
+
+@dataclass(frozen=True)
+class TargetMatch:
+    target: str
+    modules: tuple[str, ...]        # adaptable layers it matches
+
+
+@dataclass(frozen=True)
+class ModuleCount:
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    role: str
+    r: int
+    lora_params: int                # r * (in + out)
+    bias_params: int = 0            # trainable bias of this layer (bias="all"/"lora_only")
+
+
+@dataclass(frozen=True)
+class LoraCount:
+    targets: tuple[str, ...]
+    r: int
+    alpha: float
+    bias: str
+    modules_to_save: tuple[str, ...]
+    matches: tuple[TargetMatch, ...]
+    modules: tuple[ModuleCount, ...]
+    lora_params: int                # sum of r*(in+out)
+    bias_params: int
+    modules_to_save_params: int
+    trainable_params: int           # analytic total
+    total_params: int               # base model, shared parameters once
+    peft_trainable_params: int | None
+    peft_all_params: int | None
+    findings: tuple[Finding, ...]
+    adapter_bytes: int              # approximate size of the saved adapter (incl. a saved embedding when tied)
+    peft_warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def all_params(self) -> int:
+        """Base parameters plus the adapter (PEFT's 'all params')."""
+        return self.total_params + self.lora_params + self.modules_to_save_params
+
+    @property
+    def trainable_percent(self) -> float:
+        """PEFT's trainable% (print_trainable_parameters): trainable / all params incl. the adapter."""
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    @property
+    def trainable_percent_of_base(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def agrees_with_peft(self) -> bool:
+        return self.peft_trainable_params == self.trainable_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "targets": list(self.targets), "r": self.r, "alpha": self.alpha, "bias": self.bias,
+            "modules_to_save": list(self.modules_to_save),
+            "total_params": self.total_params, "all_params": self.all_params,
+            "trainable_params": self.trainable_params, "trainable_percent": round(self.trainable_percent, 6),
+            "trainable_percent_of_base": round(self.trainable_percent_of_base, 6),
+            "lora_params": self.lora_params, "bias_params": self.bias_params,
+            "modules_to_save_params": self.modules_to_save_params,
+            "peft_trainable_params": self.peft_trainable_params, "peft_all_params": self.peft_all_params,
+            "agrees_with_peft": self.agrees_with_peft, "adapter_bytes": self.adapter_bytes,
+            "matches": [{"target": m.target, "modules": len(m.modules)} for m in self.matches],
+            "modules": [{"name": m.name, "kind": m.kind, "in_features": m.in_features,
+                         "out_features": m.out_features, "role": m.role, "lora_params": m.lora_params,
+                         "bias_params": m.bias_params} for m in self.modules],
+            "findings": [{"code": f.code, "severity": f.severity, "message": f.message} for f in self.findings],
+            "peft_warnings": list(self.peft_warnings),
+        }
+
+
+# --- target resolution -------------------------------------------------------------------------------
+def _candidate_names(report: StructureReport, depth: int) -> list[str]:
+    """Names a user could have meant: the last ``depth`` dotted parts of every adaptable layer's name."""
+    out: list[str] = []
+    for l in report.layers:
+        s = ".".join(l.name.split(".")[-depth:])
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def close_names(target: str, report: StructureReport, n: int = 5) -> list[str]:
+    """Layer names close to ``target`` (difflib), compared at the target's own depth (``c_atn`` → ``c_attn``)."""
+    depth = target.count(".") + 1
+    return difflib.get_close_matches(target, _candidate_names(report, depth), n=n, cutoff=0.6)
+
+
+def _excluded_by_modules_to_save(name: str, modules_to_save: Sequence[str]) -> bool:
+    import re
+
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+
+
+def resolve_targets(report: StructureReport, targets: Sequence[str],
+                    modules_to_save: Sequence[str] = ()) -> tuple[TargetMatch, ...]:
+    """Match each target like PEFT. Raises TargetError for an empty list, unmatched or unsupported names."""
+    targets = [t.strip() for t in targets]
+    if not targets or not all(targets):
+        raise TargetError(f"LoRA target list is empty; name at least one layer, e.g. "
+                          f"{', '.join(report.suggested[0].targets) if report.suggested else 'lm_head'}; {FIX}")
+    layer_names = [l.name for l in report.layers if not _excluded_by_modules_to_save(l.name, modules_to_save)]
+    problems: list[str] = []
+    matches: list[TargetMatch] = []
+    for t in targets:
+        hit = tuple(n for n in layer_names if matches_target(n, t))
+        other = sorted({k for n, k in zip(report.module_names, report.module_kinds)
+                        if matches_target(n, t) and n not in {l.name for l in report.layers}})
+        if other:
+            inside = sorted({l.leaf for l in report.layers if any(l.name.startswith(n + ".")
+                             for n in report.module_names if matches_target(n, t))})
+            problems.append(f"target {t!r} matches modules LoRA cannot wrap ({', '.join(other)})"
+                            + (f"; name a layer inside instead: {', '.join(inside)}" if inside else ""))
+        elif not hit:
+            close = close_names(t, report)
+            leaves = sorted({l.leaf for l in report.layers})
+            problems.append(f"target {t!r} matches no module; " + (
+                f"close names: {', '.join(close)}" if close else f"layer names in this model: {', '.join(leaves)}"))
+        matches.append(TargetMatch(t, hit))
+    if problems:
+        raise TargetError("; ".join(problems) + f"; {FIX}")
+    return tuple(matches)
+
+
+# --- counting ----------------------------------------------------------------------------------------
+def lora_params_of(layer: Layer, r: int) -> int:
+    """LoRA A (r × in) plus B (out × r)."""
+    return r * (layer.in_features + layer.out_features)
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB"
+
+
+def _findings(report: StructureReport, model: Any, targeted: list[Layer], matches: tuple[TargetMatch, ...],
+              lora_params: int) -> tuple[list[Finding], int]:
+    findings: list[Finding] = []
+    extra_bytes = 0
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for l in targeted:
+        if l.tied_with:
+            w = params.get(f"{l.name}.weight")
+            esize = w.element_size() if w is not None else 4
+            numel = l.in_features * l.out_features
+            extra_bytes += numel * esize
+            findings.append(Finding("tied_target", "warning", (
+                f"{l.name} is tied to {', '.join(l.tied_with)}: PEFT saves the full {l.out_features}×{l.in_features}"
+                f" embedding with the adapter (~{_mb(numel * esize)}), and merging the adapter changes the input "
+                f"embedding too; target other layers or accept a large adapter")))
+    conv = [l for l in targeted if l.kind == CONV1D]
+    if conv:
+        findings.append(Finding("conv1d_fan_in_fan_out", "info", (
+            f"{len(conv)} targeted layer(s) are transformers Conv1D (weight stored in×out, e.g. {conv[0].name}): "
+            f"PEFT sets fan_in_fan_out=True for them (with a warning); set fan_in_fan_out=True in LoraConfig")))
+    leaves = {}
+    for l in report.layers:
+        leaves.setdefault(l.leaf, []).append(l.name)
+    for m in matches:
+        by_leaf: dict[str, int] = {}
+        for n in m.modules:
+            leaf = n.rsplit(".", 1)[-1]
+            by_leaf[leaf] = by_leaf.get(leaf, 0) + 1
+        for leaf, k in by_leaf.items():
+            total = len(leaves.get(leaf, ()))
+            if k < total:
+                missed = next(n for n in leaves[leaf] if not matches_target(n, m.target))
+                findings.append(Finding("partial_kind", "info", (
+                    f"target {m.target!r} matches {k} of {total} layers named {leaf!r} "
+                    f"(not e.g. {missed}); use {leaf!r} to adapt all of them")))
+    adapter = lora_params * LORA_ADAPTER_BYTES_PER_PARAM + extra_bytes
+    findings.append(Finding("adapter_size", "info", (
+        f"saved adapter ≈ {_mb(adapter)} ({lora_params:,} LoRA parameters in fp32"
+        + (f" + tied embedding {_mb(extra_bytes)}" if extra_bytes else "") + ")")))
+    return findings, adapter
+
+
+def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None = None, bias: str = "none",
+               modules_to_save: Sequence[str] = (), *, report: StructureReport | None = None,
+               peft_model_factory: Callable[[], Any] | None = None) -> LoraCount:
+    """Analytic LoRA count on ``model`` (meta-device or loaded; not modified), checked with PEFT.
+
+    ``peft_model_factory`` builds a fresh model for ``get_peft_model`` (PEFT replaces layers in place); by default
+    a meta-device model from ``model.config``. Pass ``lambda: None`` to skip the PEFT count.
+    """
+    from .structure import analyze_model
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r={r} is invalid; expected an integer >= 1")
+    alpha = float(alpha if alpha is not None else 2 * r)
+    report = report or analyze_model(model)
+    targets = tuple(t.strip() for t in targets)
+    modules_to_save = tuple(modules_to_save)
+    matches = resolve_targets(report, targets, modules_to_save)
+    targeted_names = {n for m in matches for n in m.modules}
+    targeted = [l for l in report.layers if l.name in targeted_names]
+
+    params = dict(model.named_parameters())  # de-duplicated (shared tensors once)
+    from .structure import _numel
+
+    bias_params = 0
+    per_bias: dict[str, int] = {}
+    if bias == "all":
+        bias_params = sum(_numel(p) for n, p in params.items() if n == "bias" or n.endswith(".bias"))
+        for l in targeted:
+            b = params.get(f"{l.name}.bias")
+            per_bias[l.name] = _numel(b) if b is not None else 0
+    elif bias == "lora_only":
+        for l in targeted:
+            b = params.get(f"{l.name}.bias")
+            per_bias[l.name] = _numel(b) if b is not None else 0
+        bias_params = sum(per_bias.values())
+    elif bias != "none":
+        raise ValueError(f"bias={bias!r} is invalid; expected one of 'none', 'all', 'lora_only'")
+
+    mts_params = 0
+    if modules_to_save:
+        mods = dict(model.named_modules(remove_duplicate=False))
+        hit = [n for n in mods if n and any(n.endswith(m) for m in modules_to_save)]
+        if not hit:
+            raise TargetError(f"modules_to_save {list(modules_to_save)} match no module; fix [lora].modules_to_save")
+        seen: set[int] = set()
+        for n in hit:
+            for p in mods[n].parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    mts_params += _numel(p)
+
+    rows = tuple(ModuleCount(l.name, l.kind, l.in_features, l.out_features, l.role, r, lora_params_of(l, r),
+                             per_bias.get(l.name, 0)) for l in targeted)
+    lora_total = sum(m.lora_params for m in rows)
+    trainable = lora_total + bias_params + mts_params
+
+    findings, adapter_bytes = _findings(report, model, targeted, matches, lora_total)
+
+    peft_trainable = peft_all = None
+    peft_warnings: tuple[str, ...] = ()
+    fresh = peft_model_factory() if peft_model_factory is not None else _fresh_meta(model)
+    if fresh is not None:
+        peft_trainable, peft_all, peft_warnings = peft_count(fresh, targets, r, alpha, bias, modules_to_save,
+                                                             conv1d=any(l.kind == CONV1D for l in targeted))
+    return LoraCount(targets=targets, r=r, alpha=alpha, bias=bias, modules_to_save=modules_to_save,
+                     matches=matches, modules=rows, lora_params=lora_total, bias_params=bias_params,
+                     modules_to_save_params=mts_params, trainable_params=trainable,
+                     total_params=report.total_params, peft_trainable_params=peft_trainable,
+                     peft_all_params=peft_all, findings=tuple(findings), adapter_bytes=adapter_bytes,
+                     peft_warnings=peft_warnings)
+
+
+def _fresh_meta(model: Any) -> Any:
+    from .meta_model import build_meta_model
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return build_meta_model(config)
+
+
+def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: str = "none",
+               modules_to_save: Sequence[str] = (), conv1d: bool = False) -> tuple[int, int, tuple[str, ...]]:
+    """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias=bias,
+                        modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
+                        fan_in_fan_out=conv1d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = get_peft_model(model, config)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+    msgs = tuple(dict.fromkeys(str(w.message).splitlines()[0][:300] for w in caught
+                               if "deprecated" not in str(w.message)))
+    return int(trainable), int(total), msgs
+
+
+def count_for_plan(plan: Any, model: Any = None, report: StructureReport | None = None) -> LoraCount:
+    """Count the plan's ``[lora]`` on ``model`` (default: the plan's model on the meta device, config only)."""
+    if model is None:
+        from .meta_model import build_meta_model
+        from .model_source import load_config, resolve_model_source
+
+        model = build_meta_model(load_config(resolve_model_source(plan.model.id, plan.model.revision)))
+    lo = plan.lora
+    return count_lora(model, lo.target_modules, lo.r, lo.alpha, lo.bias, lo.modules_to_save, report=report)

@@ -1,0 +1,291 @@
+"""Structure of a causal LM for LoRA: adaptable layers, their roles, tied parameters and suggested targets.
+
+:func:`analyze_model` works on a meta-device model (``build_meta_model(load_config(resolve_model_source(id)))``,
+no weights) or on a loaded one (also with bitsandbytes-quantized layers). Adaptable layers are what PEFT's LoRA
+can wrap: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2; weight stored as (in, out)), bitsandbytes
+``Linear4bit``/``Linear8bitLt`` and ``nn.Embedding``. Each gets a role (attention / mlp / output_head / embedding /
+other) from architecture rules (GPT-2, LLaMA-style, GPT-NeoX, OPT) with a name-based fallback for the rest.
+
+Target names follow PEFT's matching (``peft.tuners.tuners_utils.check_target_module_exists``): a target
+matches a module whose full name equals it or ends with ``"." + target``; :func:`matches_target` is that rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+ROLES = ("attention", "mlp", "output_head", "embedding", "other")
+
+# kind names as reported
+LINEAR, CONV1D, LINEAR4BIT, LINEAR8BIT, EMBEDDING = "Linear", "Conv1D", "Linear4bit", "Linear8bitLt", "Embedding"
+
+# Architecture rules: (family, model_types, {dotted name suffix: role}). A module's role is the role of the longest
+# suffix that matches its name (PEFT-style suffix match on dot boundaries).
+ARCH_RULES: tuple[tuple[str, tuple[str, ...], dict[str, str]], ...] = (
+    ("gpt2", ("gpt2",), {
+        "attn.c_attn": "attention", "attn.q_attn": "attention", "attn.c_proj": "attention",
+        "crossattention.c_attn": "attention", "crossattention.q_attn": "attention",
+        "crossattention.c_proj": "attention",
+        "mlp.c_fc": "mlp", "mlp.c_proj": "mlp"}),
+    ("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2", "granite",
+               "cohere", "starcoder2", "mixtral"), {
+        "q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention",
+        "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}),
+    ("gpt_neox", ("gpt_neox",), {
+        "attention.query_key_value": "attention", "attention.dense": "attention",
+        "mlp.dense_h_to_4h": "mlp", "mlp.dense_4h_to_h": "mlp"}),
+    ("opt", ("opt",), {
+        "self_attn.q_proj": "attention", "self_attn.k_proj": "attention", "self_attn.v_proj": "attention",
+        "self_attn.out_proj": "attention", "fc1": "mlp", "fc2": "mlp"}),
+)
+_ATTENTION_WORDS = ("attn", "attention")
+_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One adaptable module."""
+    name: str                 # full module name, e.g. "transformer.h.0.attn.c_attn"
+    kind: str                 # Linear | Conv1D | Linear4bit | Linear8bitLt | Embedding
+    in_features: int          # Embedding: num_embeddings
+    out_features: int         # Embedding: embedding_dim
+    role: str                 # one of ROLES
+    has_bias: bool
+    params: int               # parameters of the module itself (weight + bias; 4-bit counted unpacked)
+    tied_with: tuple[str, ...] = ()   # other parameter names sharing this module's weight
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class TiedGroup:
+    """Parameter names that refer to one shared tensor (counted once in the total)."""
+    names: tuple[str, ...]
+    numel: int
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    name: str                 # attention-only | attention+mlp | all-linear-without-head
+    targets: tuple[str, ...]  # PEFT target_modules
+    modules: int              # how many layers the targets match
+
+
+@dataclass(frozen=True)
+class StructureReport:
+    model_type: str
+    architecture: str                 # class name of the model
+    family: str                       # gpt2 | llama | gpt_neox | opt | generic
+    total_params: int                 # shared parameters counted once
+    total_params_if_untied: int       # every parameter name counted (what a lost tie would give)
+    layers: tuple[Layer, ...]
+    tied_groups: tuple[TiedGroup, ...]
+    suggested: tuple[TargetSet, ...]
+    module_names: tuple[str, ...] = field(repr=False, default=())   # every named module (for matching)
+    module_kinds: tuple[str, ...] = field(repr=False, default=())    # class name per module_names entry
+
+    def by_role(self) -> dict[str, tuple[Layer, ...]]:
+        return {role: tuple(l for l in self.layers if l.role == role) for role in ROLES}
+
+    def layer(self, name: str) -> Layer:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type, "architecture": self.architecture, "family": self.family,
+            "total_params": self.total_params, "total_params_if_untied": self.total_params_if_untied,
+            "layers": [{"name": l.name, "kind": l.kind, "in_features": l.in_features,
+                        "out_features": l.out_features, "role": l.role, "has_bias": l.has_bias,
+                        "params": l.params, "tied_with": list(l.tied_with)} for l in self.layers],
+            "roles": {role: len(ls) for role, ls in self.by_role().items()},
+            "tied_groups": [{"names": list(g.names), "numel": g.numel} for g in self.tied_groups],
+            "suggested_targets": [{"name": s.name, "targets": list(s.targets), "modules": s.modules}
+                                  for s in self.suggested],
+        }
+
+
+# --- matching (PEFT's rule) --------------------------------------------------------------------------
+def matches_target(module_name: str, target: str) -> bool:
+    """PEFT's list-form target matching: exact name or a dotted suffix."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+# --- layer classification ----------------------------------------------------------------------------
+def layer_kind(module: Any) -> str | None:
+    """The adaptable kind of ``module`` or None. Checks class names for bitsandbytes (never imports it)."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    cls = type(module)
+    mro = {c.__name__ for c in cls.__mro__ if c.__module__.startswith("bitsandbytes")}
+    if "Linear4bit" in mro:
+        return LINEAR4BIT
+    if "Linear8bitLt" in mro:
+        return LINEAR8BIT
+    if isinstance(module, Conv1D):
+        return CONV1D
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    return None
+
+
+def _features(module: Any, kind: str) -> tuple[int, int]:
+    if kind == CONV1D:
+        w = module.weight  # (in, out)
+        return int(w.shape[0]), int(w.shape[1])
+    if kind == EMBEDDING:
+        return int(module.num_embeddings), int(module.embedding_dim)
+    return int(module.in_features), int(module.out_features)
+
+
+def _numel(p: Any) -> int:
+    import torch
+
+    n = int(p.numel())
+    if getattr(p, "quant_state", None) is not None and p.dtype == torch.uint8:
+        n *= 2  # bitsandbytes Params4bit packs two 4-bit values per byte
+    return n
+
+
+def family_of(model_type: str, layer_names: Iterable[str] = ()) -> str:
+    """The architecture family whose rules apply: by model_type, else by the layer names seen."""
+    for family, types, _ in ARCH_RULES:
+        if model_type in types:
+            return family
+    names = list(layer_names)
+    best, best_hits = "generic", 0
+    for family, _, rules in ARCH_RULES:
+        hits = sum(1 for n in names if any(matches_target(n, s) for s in rules))
+        if hits > best_hits:
+            best, best_hits = family, hits
+    return best if best_hits >= 2 else "generic"
+
+
+def role_of(name: str, kind: str, family: str, is_output_head: bool) -> str:
+    """Role of one adaptable layer."""
+    if is_output_head:
+        return "output_head"
+    if kind == EMBEDDING:
+        return "embedding"
+    for fam, _, rules in ARCH_RULES:
+        if fam == family:
+            hits = [s for s in rules if matches_target(name, s)]
+            if hits:
+                return rules[max(hits, key=len)]
+    parts = name.lower().split(".")[:-1]  # the containers, not the layer itself
+    if any(w in p for p in parts for w in _ATTENTION_WORDS):
+        return "attention"
+    if any(w in p for p in parts for w in _MLP_WORDS):
+        return "mlp"
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if leaf in ("lm_head", "embed_out", "output"):
+        return "output_head"
+    return "other"
+
+
+# --- target-set suggestion ---------------------------------------------------------------------------
+def minimal_targets(chosen: Iterable[str], all_names: Iterable[str]) -> tuple[str, ...]:
+    """Shortest PEFT target names (dotted suffixes) that match exactly ``chosen`` among ``all_names``."""
+    chosen_set = set(chosen)
+    names = list(all_names)
+    out: list[str] = []
+    for name in sorted(chosen_set):
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            matched = {n for n in names if matches_target(n, suffix)}
+            if matched <= chosen_set:
+                if suffix not in out:
+                    out.append(suffix)
+                break
+    # drop suffixes made redundant by a shorter one already present
+    return tuple(t for t in out if not any(o != t and matches_target(t, o) for o in out))
+
+
+def _suggest(layers: tuple[Layer, ...], module_names: tuple[str, ...]) -> tuple[TargetSet, ...]:
+    sets = (("attention-only", ("attention",)), ("attention+mlp", ("attention", "mlp")),
+            ("all-linear-without-head", ("attention", "mlp", "other")))
+    linear_names = [l.name for l in layers if l.role != "embedding"]
+    out = []
+    for name, roles in sets:
+        chosen = [l.name for l in layers if l.role in roles]
+        if not chosen:
+            continue
+        targets = minimal_targets(chosen, module_names)
+        matched = sum(1 for n in linear_names if any(matches_target(n, t) for t in targets))
+        out.append(TargetSet(name, targets, matched))
+    return tuple(out)
+
+
+# --- the analyser ------------------------------------------------------------------------------------
+def analyze_model(model: Any) -> StructureReport:
+    """Analyse a (meta-device or loaded) causal LM."""
+    config = getattr(model, "config", None)
+    model_type = str(getattr(config, "model_type", "") or "")
+
+    # tied parameters: one tensor reachable under several names
+    by_id: dict[int, list[str]] = {}
+    numel_of: dict[int, int] = {}
+    total_untied = 0
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(pname)
+        numel_of[id(p)] = _numel(p)
+        total_untied += numel_of[id(p)]
+    total = sum(numel_of.values())
+    tied_groups = tuple(TiedGroup(tuple(ns), numel_of[i]) for i, ns in by_id.items() if len(ns) > 1)
+    tied_of: dict[str, tuple[str, ...]] = {}
+    for g in tied_groups:
+        for n in g.names:
+            tied_of[n] = tuple(x for x in g.names if x != n)
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    module_names: list[str] = []
+    module_kinds: list[str] = []
+    raw: list[tuple[str, Any, str]] = []
+    for mname, module in model.named_modules():
+        if not mname:
+            continue
+        module_names.append(mname)
+        module_kinds.append(type(module).__name__)
+        kind = layer_kind(module)
+        if kind is not None:
+            raw.append((mname, module, kind))
+    family = family_of(model_type, [n for n, _, k in raw if k != EMBEDDING])
+
+    layers = []
+    for mname, module, kind in raw:
+        fin, fout = _features(module, kind)
+        bias = getattr(module, "bias", None)
+        has_bias = bias is not None and hasattr(bias, "numel")
+        params = sum(_numel(p) for p in module.parameters(recurse=False))
+        weight_name = f"{mname}.weight"
+        layers.append(Layer(name=mname, kind=kind, in_features=fin, out_features=fout,
+                            role=role_of(mname, kind, family, module is out_emb and out_emb is not None),
+                            has_bias=has_bias, params=params, tied_with=tied_of.get(weight_name, ())))
+    layers_t = tuple(layers)
+    return StructureReport(
+        model_type=model_type, architecture=type(model).__name__, family=family, total_params=total,
+        total_params_if_untied=total_untied, layers=layers_t, tied_groups=tied_groups,
+        suggested=_suggest(layers_t, tuple(module_names)), module_names=tuple(module_names),
+        module_kinds=tuple(module_kinds))
+
+
+def analyze_config(config: Any, dtype: str = "fp32") -> StructureReport:
+    """Analyse the model ``config`` describes, built on the meta device (no weights, no memory)."""
+    from .meta_model import build_meta_model
+
+    return analyze_model(build_meta_model(config, dtype))
+
+
+def analyze_source(model_id: str, revision: str = "main", dtype: str = "fp32") -> StructureReport:
+    """Resolve ``model_id`` (local dir, cache, hub), read its config and analyse it. Raises ModelNotFound."""
+    from .model_source import load_config, resolve_model_source
+
+    return analyze_config(load_config(resolve_model_source(model_id, revision)), dtype)
