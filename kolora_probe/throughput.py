@@ -285,3 +285,103 @@ def throughput_from_seconds(seconds: Iterable[float], batch_size: int, seq_len: 
     """A :class:`StepThroughput` from the mean of measured step times."""
     values = list(seconds)
     return StepThroughput(batch_size, seq_len, sum(values) / len(values), flops_per_token, peak)
+
+
+# --- benchmark bodies (torch/peft imported on use) ------------------------------------------------------
+def make_batch(tokenizer: Callable[..., Any], texts: Sequence[str], batch_size: int, seq_len: int,
+               device: Any = "cpu") -> Any:
+    """A ``batch_size × seq_len`` LongTensor of real text: the texts tokenised back to back (cycled if short)."""
+    import torch
+
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ValueError("the texts produced no tokens")
+    need = batch_size * seq_len
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return torch.tensor(ids, dtype=torch.long, device=device).view(batch_size, seq_len)
+
+
+def lora_config_for(plan: Any) -> Any:
+    """PEFT ``LoraConfig`` for the plan's ``[lora]`` table (causal LM)."""
+    from peft import LoraConfig
+
+    lo = plan.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                      bias=lo.bias, modules_to_save=list(lo.modules_to_save) or None, task_type="CAUSAL_LM")
+
+
+def lora_copy(model: Any, plan: Any) -> Any:
+    """A LoRA-wrapped deep copy of ``model`` set up like the plan (gradient checkpointing, no KV cache); the
+    shared model is left untouched."""
+    import copy
+    import warnings
+
+    from peft import get_peft_model
+
+    clone = copy.deepcopy(model)
+    if getattr(clone, "config", None) is not None:
+        clone.config.use_cache = plan.training.use_cache
+    if plan.training.gradient_checkpointing:
+        clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        clone.enable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False but the target module is Conv1D"
+        peft_model = get_peft_model(clone, lora_config_for(plan))
+    peft_model.train()
+    return peft_model
+
+
+def optimizer_for(model: Any, name: str, lr: float = 1e-4) -> Any:
+    """The plan's optimizer over the trainable parameters (``adamw_8bit`` needs bitsandbytes on CUDA)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def autocast_for(device: Any, dtype: str) -> Any:
+    """``torch.autocast`` for the plan's compute dtype (a no-op context for fp32)."""
+    import contextlib
+
+    import torch
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: Any, optimizer: Any, input_ids: Any, dtype: str = "fp32") -> float:
+    """One causal-LM training step (forward with labels, backward, optimizer step); returns the loss."""
+    with autocast_for(input_ids.device, dtype):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(input_ids.device)
+    return float(loss.detach())
+
+
+def forward_pass(model: Any, input_ids: Any, dtype: str = "fp32") -> Any:
+    """One inference forward (no grad) returning the logits, synchronised so it can be timed."""
+    import torch
+
+    with torch.no_grad(), autocast_for(input_ids.device, dtype):
+        logits = model(input_ids=input_ids, use_cache=False).logits
+    synchronize(input_ids.device)
+    return logits
