@@ -29,6 +29,7 @@ pytest_plugins = [
     "checks.fixtures_model",
     "checks.fixtures_memory",
     "checks.fixtures_monitor",
+    "checks.fixtures_structure",
 ]
 
 ROOT = Path(__file__).resolve().parent
