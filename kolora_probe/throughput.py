@@ -324,7 +324,11 @@ def lora_copy(model: Any, plan: Any) -> Any:
     if getattr(clone, "config", None) is not None:
         clone.config.use_cache = plan.training.use_cache
     if plan.training.gradient_checkpointing:
-        clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(clone, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            clone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         clone.enable_input_require_grads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False but the target module is Conv1D"

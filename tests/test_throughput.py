@@ -5,9 +5,10 @@ import math
 
 import pytest
 
-from kolora_probe.throughput import (PEAK_TFLOPS, FlopsPerToken, Peak, StepThroughput, attention_flops_per_token,
-                                     forward_flops_per_token, gpu_key, matmul_params, measure_tokenization, mfu,
-                                     peak_tflops, shape_from_config, throughput_from_seconds,
+from kolora_probe.throughput import (PEAK_TFLOPS, Peak, StepThroughput, attention_flops_per_token,
+                                     forward_flops_per_token, forward_pass, gpu_key, lora_copy, make_batch,
+                                     matmul_params, measure_tokenization, mfu, optimizer_for, peak_tflops,
+                                     shape_from_config, throughput_from_seconds, train_step,
                                      training_flops_per_token)
 
 # A GPT-2 with d=8, 2 layers, 2 heads, vocabulary 16, MLP 4·d = 32. Per layer the matmul weights are
@@ -139,3 +140,50 @@ def test_tokenization_throughput_counts_characters_and_tokens():
     assert r.chars_per_s == 7.0 and r.tokens_per_s == 6.0 and set(calls) == {False}
     with pytest.raises(ValueError):
         measure_tokenization(char_tokenizer, [])
+
+
+def _plan(targets=("c_attn",), grad_ckpt=False, dtype="fp32"):
+    from kolora_probe.plan import BudgetSpec, LoraSpec, ModelSpec, Plan, TrainingSpec
+
+    return Plan(ModelSpec("tiny"), LoraSpec(r=2, alpha=4, dropout=0.0, target_modules=tuple(targets)),
+                TrainingSpec(dtype=dtype, batch_size=2, seq_len=6, gradient_checkpointing=grad_ckpt),
+                BudgetSpec(gpu_memory_gib=1))
+
+
+def test_make_batch_packs_real_tokens_to_the_plan_shape():
+    def tok(text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 16 for c in text]}
+
+    batch = make_batch(tok, ["ab", "c"], batch_size=2, seq_len=4)
+    assert batch.shape == (2, 4) and batch.flatten().tolist() == [ord(c) % 16 for c in "abcabcab"]
+    with pytest.raises(ValueError):
+        make_batch(tok, [""], 1, 1)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_lora_training_step_trains_adapters_only_and_leaves_the_shared_model_alone(grad_ckpt):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(tiny_config())
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    plan = _plan(grad_ckpt=grad_ckpt)
+    model = lora_copy(base, plan)
+    assert matmul_params(model) == (N, N_LORA)
+    inner = model.get_base_model()
+    assert getattr(inner, "is_activation_checkpointing", None) in (grad_ckpt, None)
+    assert inner.is_gradient_checkpointing == grad_ckpt and inner.config.use_cache is False
+    opt = optimizer_for(model, "adamw", lr=1e-2)
+    batch = torch.randint(0, 16, (2, 6))
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = [train_step(model, opt, batch) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]   # it learns the batch
+    assert all(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_B" in n)
+    frozen = [p for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    # the shared (session) model is untouched: same weights, no adapters, still trainable as before
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert not any("lora" in n for n, _ in base.named_modules())
+    logits = forward_pass(base, batch)
+    assert logits.shape == (2, 6, 16) and bool(logits.isfinite().all())
