@@ -1,0 +1,152 @@
+"""Structure analyser on the full-size KoGPT-2 config and small LLaMA / GPT-NeoX / OPT configs.
+
+Expected numbers are derived here from the config dimensions, not from the code under test.
+"""
+import pytest
+
+from structure_configs import (KO_D, KO_HEADS, KO_LAYERS, KO_POS, KO_VOCAB, LL_D, LL_FF, LL_KV, LL_HEADS,
+                               LL_LAYERS, LL_VOCAB, NX_D, NX_FF, NX_LAYERS, NX_VOCAB, OPT_D, OPT_FF, OPT_LAYERS,
+                               OPT_POS, OPT_VOCAB, kogpt2_config, llama_config, neox_config, opt_config)
+
+from kolora_probe.meta_model import build_meta_model
+from kolora_probe.structure import analyze_model, family_of, matches_target, minimal_targets
+
+
+@pytest.fixture(scope="module")
+def kogpt2():
+    return analyze_model(build_meta_model(kogpt2_config()))
+
+
+def _kogpt2_total() -> int:
+    d = KO_D
+    per_block = (2 * d                      # ln_1
+                 + d * 3 * d + 3 * d        # attn.c_attn
+                 + d * d + d                # attn.c_proj
+                 + 2 * d                    # ln_2
+                 + d * 4 * d + 4 * d        # mlp.c_fc
+                 + 4 * d * d + d)           # mlp.c_proj
+    return KO_VOCAB * d + KO_POS * d + KO_LAYERS * per_block + 2 * d  # wte, wpe, blocks, ln_f (lm_head tied)
+
+
+def test_kogpt2_totals_count_the_tied_head_once(kogpt2):
+    assert _kogpt2_total() == 125_164_032
+    assert kogpt2.total_params == 125_164_032
+    assert kogpt2.total_params_if_untied == 125_164_032 + KO_VOCAB * KO_D == 164_485_632
+    assert [sorted(g.names) for g in kogpt2.tied_groups] == [["lm_head.weight", "transformer.wte.weight"]]
+    assert kogpt2.tied_groups[0].numel == KO_VOCAB * KO_D
+
+
+def test_kogpt2_conv1d_layers_and_roles(kogpt2):
+    assert kogpt2.family == "gpt2" and kogpt2.architecture == "GPT2LMHeadModel"
+    roles = {r: len(ls) for r, ls in kogpt2.by_role().items()}
+    assert roles == {"attention": 2 * KO_LAYERS, "mlp": 2 * KO_LAYERS, "output_head": 1, "embedding": 2, "other": 0}
+    d = KO_D
+    expect = {"attn.c_attn": ("Conv1D", d, 3 * d, "attention"), "attn.c_proj": ("Conv1D", d, d, "attention"),
+              "mlp.c_fc": ("Conv1D", d, 4 * d, "mlp"), "mlp.c_proj": ("Conv1D", 4 * d, d, "mlp")}
+    for i in range(KO_LAYERS):
+        for suffix, (kind, fin, fout, role) in expect.items():
+            l = kogpt2.layer(f"transformer.h.{i}.{suffix}")
+            assert (l.kind, l.in_features, l.out_features, l.role, l.has_bias) == (kind, fin, fout, role, True)
+    head = kogpt2.layer("lm_head")
+    assert (head.kind, head.in_features, head.out_features, head.role) == ("Linear", d, KO_VOCAB, "output_head")
+    assert head.tied_with == ("transformer.wte.weight",)
+    wte = kogpt2.layer("transformer.wte")
+    assert (wte.kind, wte.in_features, wte.out_features, wte.role) == ("Embedding", KO_VOCAB, d, "embedding")
+    # a Linear-only detector would find only lm_head: the Conv1D layers must be there
+    assert sum(1 for l in kogpt2.layers if l.kind == "Conv1D") == 4 * KO_LAYERS
+
+
+def test_kogpt2_suggested_targets(kogpt2):
+    s = {t.name: (set(t.targets), t.modules) for t in kogpt2.suggested}
+    assert s["attention-only"] == ({"c_attn", "attn.c_proj"}, 2 * KO_LAYERS)
+    assert s["attention+mlp"] == ({"c_attn", "c_proj", "c_fc"}, 4 * KO_LAYERS)
+    assert s["all-linear-without-head"] == ({"c_attn", "c_proj", "c_fc"}, 4 * KO_LAYERS)
+    assert KO_HEADS == 12  # config sanity: full-size
+
+
+def test_llama_style_roles_features_and_total():
+    rep = analyze_model(build_meta_model(llama_config()))
+    d, ff, kv = LL_D, LL_FF, LL_KV * (LL_D // LL_HEADS)
+    assert rep.family == "llama"
+    expect = {"self_attn.q_proj": (d, d, "attention"), "self_attn.k_proj": (d, kv, "attention"),
+              "self_attn.v_proj": (d, kv, "attention"), "self_attn.o_proj": (d, d, "attention"),
+              "mlp.gate_proj": (d, ff, "mlp"), "mlp.up_proj": (d, ff, "mlp"), "mlp.down_proj": (ff, d, "mlp")}
+    for i in range(LL_LAYERS):
+        for suffix, (fin, fout, role) in expect.items():
+            l = rep.layer(f"model.layers.{i}.{suffix}")
+            assert (l.kind, l.in_features, l.out_features, l.role, l.has_bias) == ("Linear", fin, fout, role, False)
+    assert rep.layer("lm_head").role == "output_head" and not rep.tied_groups
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff + 2 * d   # q,o + k,v + gate,up,down + 2 RMSNorm
+    assert rep.total_params == LL_VOCAB * d + LL_LAYERS * per_layer + d + d * LL_VOCAB
+    s = {t.name: set(t.targets) for t in rep.suggested}
+    assert s["attention-only"] == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert s["attention+mlp"] == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_gpt_neox_roles_and_total():
+    rep = analyze_model(build_meta_model(neox_config()))
+    d, ff = NX_D, NX_FF
+    assert rep.family == "gpt_neox"
+    expect = {"attention.query_key_value": (d, 3 * d, "attention"), "attention.dense": (d, d, "attention"),
+              "mlp.dense_h_to_4h": (d, ff, "mlp"), "mlp.dense_4h_to_h": (ff, d, "mlp")}
+    for i in range(NX_LAYERS):
+        for suffix, (fin, fout, role) in expect.items():
+            l = rep.layer(f"gpt_neox.layers.{i}.{suffix}")
+            assert (l.kind, l.in_features, l.out_features, l.role) == ("Linear", fin, fout, role)
+    heads = [l for l in rep.layers if l.role == "output_head"]
+    assert [h.name for h in heads] == ["lm_head"]   # transformers 5 renamed GPT-NeoX's embed_out to lm_head
+    head = heads[0]
+    assert (head.role, head.in_features, head.out_features) == ("output_head", d, NX_VOCAB)
+    per_layer = (2 * 2 * d + d * 3 * d + 3 * d + d * d + d + d * ff + ff + ff * d + d)
+    assert rep.total_params == NX_VOCAB * d + NX_LAYERS * per_layer + 2 * d + d * NX_VOCAB
+    s = {t.name: set(t.targets) for t in rep.suggested}
+    assert s["attention-only"] == {"query_key_value", "dense"}
+    assert s["attention+mlp"] == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+
+
+def test_opt_roles_tie_and_total():
+    rep = analyze_model(build_meta_model(opt_config()))
+    d, ff = OPT_D, OPT_FF
+    assert rep.family == "opt"
+    for i in range(OPT_LAYERS):
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            l = rep.layer(f"model.decoder.layers.{i}.self_attn.{p}")
+            assert (l.in_features, l.out_features, l.role) == (d, d, "attention")
+        assert rep.layer(f"model.decoder.layers.{i}.fc1").role == "mlp"
+        assert (rep.layer(f"model.decoder.layers.{i}.fc2").in_features, rep.layer(f"model.decoder.layers.{i}.fc2").out_features) == (ff, d)
+    assert rep.layer("lm_head").tied_with == ("model.decoder.embed_tokens.weight",)
+    per_layer = 4 * (d * d + d) + 2 * 2 * d + d * ff + ff + ff * d + d
+    pos = (OPT_POS + 2) * d
+    assert rep.total_params == OPT_VOCAB * d + pos + OPT_LAYERS * per_layer + 2 * d
+    s = {t.name: set(t.targets) for t in rep.suggested}
+    assert s["attention-only"] == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert s["attention+mlp"] == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+def test_loaded_model_and_bitsandbytes_layers_are_adaptable():
+    """A real (non-meta) model works too, and bnb Linear4bit / Linear8bitLt are recognised with their features."""
+    import bitsandbytes as bnb
+    import torch.nn as nn
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    model.transformer.h[0].mlp.c_fc = bnb.nn.Linear4bit(32, 128)          # shape as a quantized model has
+    model.transformer.h[0].mlp.c_proj = bnb.nn.Linear8bitLt(128, 32, has_fp16_weights=False)
+    rep = analyze_model(model)
+    fc, proj = rep.layer("transformer.h.0.mlp.c_fc"), rep.layer("transformer.h.0.mlp.c_proj")
+    assert (fc.kind, fc.in_features, fc.out_features, fc.role) == ("Linear4bit", 32, 128, "mlp")
+    assert (proj.kind, proj.in_features, proj.out_features, proj.role) == ("Linear8bitLt", 128, 32, "mlp")
+    assert rep.layer("transformer.h.0.attn.c_attn").kind == "Conv1D"
+    assert isinstance(model.lm_head, nn.Linear) and rep.layer("lm_head").tied_with
+
+
+def test_matching_and_minimal_targets_follow_peft_suffix_rule():
+    assert matches_target("transformer.h.0.attn.c_proj", "c_proj")
+    assert matches_target("transformer.h.0.attn.c_proj", "attn.c_proj")
+    assert not matches_target("transformer.h.0.attn.c_proj", "proj")         # suffix on dot boundaries only
+    assert not matches_target("transformer.h.0.mlp.c_proj", "attn.c_proj")
+    names = ["a.0.attn.c_proj", "a.0.mlp.c_proj", "a.0.attn.c_attn"]
+    assert set(minimal_targets(["a.0.attn.c_proj", "a.0.attn.c_attn"], names)) == {"attn.c_proj", "c_attn"}
+    assert family_of("unknown", ["m.layers.0.q_proj", "m.layers.0.k_proj", "m.layers.0.gate_proj"]) == "llama"
+    assert family_of("unknown", ["m.x"]) == "generic"
