@@ -152,6 +152,9 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
                              for n in report.module_names if matches_target(n, t))})
             problems.append(f"target {t!r} matches modules LoRA cannot wrap ({', '.join(other)})"
                             + (f"; name a layer inside instead: {', '.join(inside)}" if inside else ""))
+        elif not hit and any(matches_target(l.name, t) for l in report.layers):
+            problems.append(f"target {t!r} only matches layers that modules_to_save {list(modules_to_save)} "
+                            f"also names (PEFT never adapts those); remove it from one of the two lists")
         elif not hit:
             close = close_names(t, report)
             leaves = sorted({l.leaf for l in report.layers})
