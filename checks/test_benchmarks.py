@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from kolora_probe.throughput import (Peak, StepThroughput, forward_flops_per_token, forward_pass, lora_copy,
-                                     make_batch, matmul_params, optimizer_for, peak_tflops, shape_from_config,
-                                     tokenize_all, train_step, training_flops_per_token)
+from kolora_probe.throughput import (Peak, StepThroughput, backward_scope, forward_flops_per_token, forward_pass,
+                                     lora_copy, make_batch, matmul_params, optimizer_for, peak_tflops,
+                                     shape_from_config, tokenize_all, train_step, training_flops_per_token)
 
 pytestmark = pytest.mark.benchmark
 
@@ -152,8 +152,9 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
         benchmark.pedantic(_timed(step, timings), args=(model, optimizer, batch), rounds=rounds, warmup_rounds=warmup)
         shape = shape_from_config(base.config)
         n_matmul, n_trainable = matmul_params(model)
+        scope = backward_scope(model, shape.n_layers)   # where autograd really back-propagates
         flops = training_flops_per_token(n_matmul, n_trainable, shape.n_layers, t.seq_len, shape.d_attn,
-                                         t.gradient_checkpointing)
+                                         t.gradient_checkpointing, backward=scope)
         peak, why = _peak(device, t.dtype)
         s = StepThroughput(t.batch_size, t.seq_len, sum(timings[warmup:]) / len(timings[warmup:]), flops.total, peak)
         changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
@@ -166,6 +167,7 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
               "train_flops_per_token": flops.total, "train_achieved_tflops": round(s.achieved_tflops, 3),
               "train_mfu": round(s.mfu, 4) if s.mfu is not None else None,
               "train_matmul_params": n_matmul, "train_trainable_matmul_params": n_trainable,
+              "train_backprop_matmul_params": scope.matmul_params, "train_backprop_layers": scope.layers,
               "train_shape": f"{t.batch_size}x{t.seq_len} {t.dtype} grad_ckpt={t.gradient_checkpointing} on {device}",
               "train_losses": [round(v, 4) for v in losses]}
     if why:

@@ -20,10 +20,15 @@ forward and twice that backward (both operands are activations).
 ``N`` counts the weights of matrix multiplies only: every linear/Conv1D layer including the output projection
 (``lm_head``, also when tied to the input embedding) and the LoRA adapters; embedding lookups and position
 embeddings cost no FLOPs (the logits layer is counted as in Hoffmann et al. 2022, "Chinchilla", Appendix F).
-Assumption: gradients flow through the whole network, which holds when adapters sit in every layer; with
-adapters only at the top (e.g. only ``lm_head``) autograd stops early and the true count is lower, so the MFU is
-an upper bound. Activation recomputation (gradient checkpointing) adds a forward pass that is *hardware* FLOPs,
-not model FLOPs; MFU excludes it (PaLM, Appendix B), :attr:`FlopsPerToken.with_recompute` includes it.
+Activation gradients are only computed above the lowest trained parameter: autograd never differentiates
+with respect to inputs that need no gradient. The formula above assumes they flow through the whole network
+(adapters in every layer, or full fine-tuning); :func:`backward_scope` measures the part of a real model that
+does back-propagate (``N_act`` matmul weights above the first trainable module in registration order, ``L_act``
+blocks from the one holding it), giving ``2·N + 4·L·s·d + 2·N_act + 2·N_trainable + 8·L_act·s·d``. For adapters
+only on ``lm_head`` that is little more than a forward pass; for LoRA on every layer it is the formula above
+minus the first projection's input gradient (checked against ``torch.utils.flop_counter`` in the tests).
+Activation recomputation (gradient checkpointing) adds a forward pass that is *hardware* FLOPs, not model FLOPs;
+MFU excludes it (PaLM, Appendix B), :attr:`FlopsPerToken.with_recompute` includes it.
 
 Peak TFLOP/s
 ------------
@@ -75,25 +80,14 @@ def matmul_params(model: Any) -> tuple[int, int]:
     """(all, trainable) weights of matrix multiplies in ``model``: ``nn.Linear`` (incl. bitsandbytes and LoRA
     adapter layers) and transformers' ``Conv1D``. Embeddings, norms and biases are not matmuls. Works on a
     meta-device model (shapes only)."""
-    import torch
-
     total = trainable = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear):
-            n = int(module.in_features) * int(module.out_features)  # packed 4-bit weights have fewer elements
-        elif type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            n = int(weight.shape[0]) * int(weight.shape[1])
-        else:
-            continue
-        key = id(module)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += n
-        if weight is not None and weight.requires_grad:
-            trainable += n
+    for module in model.modules():  # modules() yields each module once, also when shared
+        n = _is_matmul(module)
+        if n:
+            total += n
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.requires_grad:
+                trainable += n
     return total, trainable
 
 
@@ -129,16 +123,66 @@ def forward_flops_per_token(matmul_params: int, n_layers: int, seq_len: int, d_a
 
 
 def training_flops_per_token(matmul_params: int, trainable_params: int, n_layers: int, seq_len: int,
-                             d_attn: int, gradient_checkpointing: bool = False) -> FlopsPerToken:
+                             d_attn: int, gradient_checkpointing: bool = False, *,
+                             backward: "BackwardScope | None" = None) -> FlopsPerToken:
     """``4·N + 2·N_trainable + 12·L·s·d_attn`` model FLOPs per token; ``6·N + 12·L·s·d_attn`` when every
-    matmul weight is trained (PaLM App. B). ``trainable_params`` counts trained *matmul* weights (LoRA A/B)."""
+    matmul weight is trained (PaLM App. B). ``trainable_params`` counts trained *matmul* weights (LoRA A/B).
+    With ``backward`` (:func:`backward_scope`) the activation gradients cover only the part that back-propagates:
+    ``2·N + 2·N_act + 2·N_trainable + 4·L·s·d + 8·L_act·s·d``."""
     if not 0 <= trainable_params <= matmul_params:
         raise ValueError(f"trainable_params must be in [0, matmul_params={matmul_params}], got {trainable_params}")
+    n_act, l_act = (matmul_params, n_layers) if backward is None else (backward.matmul_params, backward.layers)
     attn = attention_flops_per_token(n_layers, seq_len, d_attn)
     forward = 2.0 * matmul_params + attn
-    backward = 2.0 * matmul_params + 2.0 * trainable_params + 2.0 * attn
-    return FlopsPerToken(matmul_params, trainable_params, attn, forward, backward,
+    backward_flops = 2.0 * n_act + 2.0 * trainable_params + 2.0 * attention_flops_per_token(l_act, seq_len, d_attn)
+    return FlopsPerToken(matmul_params, trainable_params, attn, forward, backward_flops,
                          forward if gradient_checkpointing else 0.0)
+
+
+@dataclass(frozen=True)
+class BackwardScope:
+    """The part of a model the backward pass goes through (see :func:`backward_scope`)."""
+    matmul_params: int   # N_act: matmul weights whose input gradient autograd computes
+    layers: int          # L_act: transformer blocks whose attention is back-propagated
+
+
+def _is_matmul(module: Any) -> int:
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return int(module.in_features) * int(module.out_features)
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]) * int(weight.shape[1])
+    return 0
+
+
+def backward_scope(model: Any, n_layers: int) -> BackwardScope:
+    """Matmul weights and blocks above the first module (in registration order, which is forward order for
+    decoder stacks) that holds a trainable parameter: only there does autograd compute activation gradients.
+    The block that holds it counts whole (its attention may lie below the adapter: at most one block too many)."""
+    modules = list(model.modules())
+    first = next((i for i, m in enumerate(modules)
+                  if any(p.requires_grad for p in m.parameters(recurse=False))), None)
+    if first is None:
+        return BackwardScope(0, 0)
+    n_act = sum(_is_matmul(m) for m in modules[first + 1:])
+    blocks = None
+    import torch
+
+    for m in modules:
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers and n_layers > 0:
+            blocks = list(m)
+            break
+    if blocks is None:
+        return BackwardScope(n_act, n_layers)
+    index = {id(m): i for i, m in enumerate(modules)}
+    layers = 0
+    for block in blocks:
+        last = max(index[id(m)] for m in block.modules())
+        if last > first:
+            layers += 1
+    return BackwardScope(n_act, layers)
 
 
 # --- peak TFLOP/s ---------------------------------------------------------------------------------------
@@ -314,7 +358,8 @@ def lora_config_for(plan: Any) -> Any:
 
 def lora_copy(model: Any, plan: Any) -> Any:
     """A LoRA-wrapped deep copy of ``model`` set up like the plan (gradient checkpointing, no KV cache); the
-    shared model is left untouched."""
+    shared model is left untouched. Non-reentrant checkpointing needs no ``enable_input_require_grads`` (which
+    would make autograd differentiate the whole network, down to the embeddings)."""
     import copy
     import warnings
 
@@ -329,7 +374,6 @@ def lora_copy(model: Any, plan: Any) -> Any:
             clone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        clone.enable_input_require_grads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False but the target module is Conv1D"
         peft_model = get_peft_model(clone, lora_config_for(plan))

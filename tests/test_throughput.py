@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from kolora_probe.throughput import (PEAK_TFLOPS, Peak, StepThroughput, attention_flops_per_token,
-                                     forward_flops_per_token, forward_pass, gpu_key, lora_copy, make_batch,
-                                     matmul_params, measure_tokenization, mfu, optimizer_for, peak_tflops,
-                                     shape_from_config, throughput_from_seconds, train_step,
+from kolora_probe.throughput import (PEAK_TFLOPS, BackwardScope, Peak, StepThroughput, attention_flops_per_token,
+                                     backward_scope, forward_flops_per_token, forward_pass, gpu_key, lora_copy,
+                                     make_batch, matmul_params, measure_tokenization, mfu, optimizer_for,
+                                     peak_tflops, shape_from_config, throughput_from_seconds, train_step,
                                      training_flops_per_token)
 
 # A GPT-2 with d=8, 2 layers, 2 heads, vocabulary 16, MLP 4·d = 32. Per layer the matmul weights are
@@ -66,25 +66,62 @@ def test_shape_and_matmul_params_of_a_real_model(tiny_models):
     assert matmul_params(lora) == (N, N_LORA)
 
 
-def test_formula_matches_torch_flop_counter(tiny_models):
-    """torch's FlopCounterMode counts matmul/attention FLOPs of the real model: forward matches exactly; full
-    fine-tuning matches exactly; LoRA's backward is lower by exactly what the formula assumes but autograd skips
-    (activation gradients of the first layer's c_attn and its adapter input, whose inputs need no gradient)."""
-    import torch
+def _flops_counted(model, x):
     from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad()
+    with FlopCounterMode(display=False) as fwd:
+        out = model(input_ids=x, labels=x)
+    with FlopCounterMode(display=False) as bwd:
+        out.loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def test_formula_matches_torch_flop_counter(tiny_models):
+    """torch's FlopCounterMode counts the real model's matmul and attention FLOPs. Forward matches the formula
+    exactly; so does the backward of full fine-tuning (6N + 12·L·s·d). With LoRA on c_attn autograd skips the
+    input gradients of layer 0's c_attn and lora_A (their inputs need no gradient): the plain formula counts
+    them, the backward scope does not and matches exactly."""
+    import torch
 
     x = torch.randint(0, 16, (1, S))
     tokens = x.numel()
-    for model, n, n_t in ((tiny_models[0], N_BASE, N_BASE), (tiny_models[1], N, N_LORA)):
-        model.zero_grad()
-        with FlopCounterMode(display=False) as fwd:
-            out = model(input_ids=x, labels=x)
-        with FlopCounterMode(display=False) as bwd:
-            out.loss.backward()
-        f = training_flops_per_token(n, n_t, L, S, D)
-        assert fwd.get_total_flops() == f.forward * tokens
-        skipped = 0 if n_t == n else 2 * (D * 3 * D) + 2 * (D * 2)   # layer-0 c_attn and lora_A input grads
-        assert bwd.get_total_flops() == (f.backward - skipped) * tokens
+    full, lora = tiny_models
+    fwd, bwd = _flops_counted(full, x)
+    f = training_flops_per_token(N_BASE, N_BASE, L, S, D)
+    assert (fwd, bwd) == (f.forward * tokens, f.backward * tokens)
+    assert backward_scope(full, L) == BackwardScope(N_BASE, L)
+
+    fwd, bwd = _flops_counted(lora, x)
+    plain = training_flops_per_token(N, N_LORA, L, S, D)
+    assert fwd == plain.forward * tokens
+    skipped = 2 * (D * 3 * D) + 2 * (D * 2)          # layer-0 c_attn (8×24) and lora_A (8×2) input gradients
+    assert bwd == (plain.backward - skipped) * tokens
+    scope = backward_scope(lora, L)
+    assert scope == BackwardScope(N - D * 3 * D - D * 2, L)
+    assert bwd == training_flops_per_token(N, N_LORA, L, S, D, backward=scope).backward * tokens
+
+
+@pytest.mark.parametrize("targets, extra_blocks", [(["lm_head"], 0), (["c_fc"], 1)])
+def test_backward_scope_for_adapters_high_in_the_model(targets, extra_blocks):
+    """Adapters only on lm_head: no block back-propagates, the backward is the adapters' own few FLOPs (exact).
+    Adapters on the MLP: the scope counts layer 0's attention too (documented: at most one block too many)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel(tiny_config()),
+                           LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets))
+    x = torch.randint(0, 16, (1, S))
+    _, bwd = _flops_counted(model, x)
+    n, n_t = matmul_params(model)
+    scope = backward_scope(model, L)
+    predicted = training_flops_per_token(n, n_t, L, S, D, backward=scope).backward * x.numel()
+    assert predicted - bwd == extra_blocks * 2 * attention_flops_per_token(1, S, D) * x.numel()
+    if targets == ["lm_head"]:
+        assert scope == BackwardScope(2 * 16, 0)      # only lora_B (2×16) lies above lora_A
+        assert predicted < training_flops_per_token(n, n_t, L, S, D).backward * x.numel() / 10
 
 
 def test_gpu_names_map_to_the_table():
