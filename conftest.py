@@ -94,14 +94,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.option.self_contained_html = True
     if not config.option.xmlpath:
         config.option.xmlpath = str(out / "junit.xml")
-    try:
-        from pytest_metadata.plugin import metadata_key
-
-        md = config.stash.get(metadata_key, None)
-        if md is not None:
-            md.update(redact(_plan_metadata(config)))
-    except ImportError:
-        pass
 
 
 def _plan_metadata(config: pytest.Config) -> dict[str, str]:
@@ -119,6 +111,13 @@ def _plan_metadata(config: pytest.Config) -> dict[str, str]:
                     f"seq={t.seq_len} grad_ckpt={t.gradient_checkpointing} optimizer={t.optimizer}",
         "Budget": f"{plan.budget.gpu_memory_gib:g} GiB (tolerance {plan.budget.tolerance_percent:g} %)",
     }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_metadata(metadata: dict, config: pytest.Config) -> None:
+    """The plan goes into the HTML report's Environment table (pytest-metadata)."""
+    if config.stash.get(ACTIVE_KEY, False):
+        metadata.update(redact(_plan_metadata(config)))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

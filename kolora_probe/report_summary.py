@@ -5,7 +5,10 @@ import html
 from typing import Any
 
 _STYLE = """<style>
-.kp-summary{font-family:sans-serif;margin:8px 0 16px 0}
+body{display:flex;flex-direction:column}
+body>h1{order:-3} body>p:first-of-type{order:-2} body>.summary{order:-1}
+.summary__data{flex:1 1 auto}
+.kp-summary{font-family:sans-serif;margin:8px 0 16px 0;color:#222}
 .kp-summary table{border-collapse:collapse;margin:4px 0 10px 0}
 .kp-summary td,.kp-summary th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 .kp-pass{background:#dff0d8}.kp-fail{background:#f2dede}.kp-skip{background:#fcf8e3}
@@ -45,7 +48,7 @@ def summary_html(doc: dict[str, Any]) -> str:
     if plan:
         m, lo, t, b = plan["model"], plan["lora"], plan["training"], plan["budget"]
         rows += [("Plan", plan.get("source")), ("Model", f"{m['id']} @ {m['revision']}"),
-                 ("LoRA", f"r={lo['r']} alpha={lo['alpha']:g} dropout={lo['dropout']:g} targets={lo['target_modules']}"),
+                 ("LoRA", f"r={lo['r']} alpha={lo['alpha']:g} dropout={lo['dropout']:g} targets={list(lo['target_modules'])}"),
                  ("Training", f"{t['dtype']} (weights {t['weights_dtype']}), quantization {t['quantization']}, "
                               f"batch {t['batch_size']} × seq {t['seq_len']}, grad ckpt {t['gradient_checkpointing']}, "
                               f"{t['optimizer']}"),
