@@ -594,7 +594,17 @@ class Monitor:
                     break
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
-        return self.finish()
+        return self._finish_shielded()
+
+    def _finish_shielded(self) -> MonitorSummary:
+        """:meth:`finish` with a second Ctrl-C ignored while the summary and timeline are written."""
+        if threading.current_thread() is not threading.main_thread():
+            return self.finish()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return self.finish()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def request_stop(self, reason: str = "stopped") -> None:
         self.stop_reason = reason

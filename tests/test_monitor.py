@@ -224,20 +224,21 @@ def test_sigkill_mid_run_leaves_a_valid_jsonl(tmp_path):
     assert not (out / "summary.json").exists()   # killed: no chance to summarise; the log is what remains
 
 
-def test_sigterm_writes_the_summary(tmp_path):
+@pytest.mark.parametrize("sig, reason", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "interrupted (Ctrl-C)")])
+def test_sigterm_and_ctrl_c_write_the_summary(tmp_path, sig, reason):
     out = tmp_path / "mon"
     p = subprocess.Popen(_cli("--interval", "0.1", "--output", str(out)), cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_lines(out / "samples.jsonl", 3, p)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         stdout, stderr = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stop_reason"] == "SIGTERM" and summary["sample_count"] >= 3
+    assert summary["stop_reason"] == reason and summary["sample_count"] >= 3
     assert summary["sample_count"] == len(read_samples(out / "samples.jsonl"))
     assert (out / "timeline.png").read_bytes().startswith(PNG_MAGIC)
     assert "Traceback" not in stdout + stderr
