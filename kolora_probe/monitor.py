@@ -96,15 +96,19 @@ def _text(v: Any) -> str:
 class NvmlSource:
     """Every GPU through NVML (``import pynvml`` from nvidia-ml-py). Fields a device does not support are None."""
 
-    def __init__(self) -> None:
+    def __init__(self, nvml_module: Any = None) -> None:
+        """``nvml_module``: an object with pynvml's API to use instead of ``import pynvml`` (tests)."""
+        self._module = nvml_module
         self._nvml: Any = None
         self._handles: list[tuple[int, Any, str]] = []
 
     def open(self) -> str | None:
-        try:
-            import pynvml
-        except ImportError as exc:
-            return nvml_error_reason(exc)
+        pynvml = self._module
+        if pynvml is None:
+            try:
+                import pynvml
+            except ImportError as exc:
+                return nvml_error_reason(exc)
         try:
             pynvml.nvmlInit()
         except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...

@@ -280,3 +280,109 @@ def test_pytest_fixture_monitors_a_check_and_attaches_the_timeline(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sample_count"] == props["monitor_samples"]["actual"] == len(read_samples(out / "samples.jsonl"))
     assert (out / "timeline.png").read_bytes().startswith(PNG_MAGIC)
+
+
+# --- NvmlSource's mapping of the pynvml API, with an injected stand-in for the module --------------------
+class FakePynvml:
+    """The slice of pynvml that NvmlSource uses; device 1 supports neither utilisation, power nor temperature."""
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError_LibraryNotFound(Exception):
+        pass
+
+    class NVMLError_NotSupported(Exception):
+        pass
+
+    def __init__(self, devices=2, init_error=None):
+        self.devices = devices
+        self.init_error = init_error
+        self.shutdowns = 0
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return self.devices
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return b"NVIDIA H100 80GB HBM3" if h == 0 else "NVIDIA L4"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(used=(h + 1) * GIB, total=80 * GIB, free=(79 - h) * GIB)
+
+    def _only_device0(self, h, value):
+        if h != 0:
+            raise self.NVMLError_NotSupported("Not Supported")
+        return value
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        from types import SimpleNamespace
+
+        return self._only_device0(h, SimpleNamespace(gpu=87, memory=40))
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        assert sensor == self.NVML_TEMPERATURE_GPU
+        return self._only_device0(h, 71)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return self._only_device0(h, 312_500)           # milliwatts
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=1234, usedGpuMemory=GIB), SimpleNamespace(pid=99, usedGpuMemory=None)] \
+            if h == 0 else []
+
+
+def test_nvml_source_maps_every_field_and_tolerates_unsupported_ones():
+    from kolora_probe.monitor import NvmlSource
+
+    fake = FakePynvml()
+    src = NvmlSource(fake)
+    assert src.open() is None
+    g0, g1 = src.sample()
+    assert (g0.index, g0.name, g0.memory_used_bytes) == (0, "NVIDIA H100 80GB HBM3", GIB)
+    assert g0.memory_total_bytes == 80 * GIB
+    assert (g0.utilization_percent, g0.temperature_c, g0.power_w) == (87.0, 71.0, 312.5)
+    assert g0.processes == [{"pid": 1234, "used_memory_bytes": GIB}, {"pid": 99, "used_memory_bytes": None}]
+    assert (g1.name, g1.memory_used_bytes, g1.utilization_percent, g1.temperature_c, g1.power_w, g1.processes) == \
+        ("NVIDIA L4", 2 * GIB, None, None, None, [])
+    src.close()
+    assert fake.shutdowns == 1
+
+
+def test_nvml_source_says_why_gpu_figures_are_unavailable():
+    from kolora_probe.monitor import NvmlSource
+
+    no_lib = NvmlSource(FakePynvml(init_error=FakePynvml.NVMLError_LibraryNotFound("NVML Shared Library Not Found")))
+    assert "libnvidia-ml.so" in no_lib.open() and "no NVIDIA driver" in no_lib.open()
+    fake = FakePynvml(devices=0)
+    no_device = NvmlSource(fake)
+    assert "no GPU device" in no_device.open() and fake.shutdowns == 1
+    # and the monitor built on it keeps sampling system memory
+    m = Monitor(None, 1.0, gpu_source=NvmlSource(FakePynvml(devices=0)), system_source=FakeSystem([GIB]))
+    s = m.sample_once()
+    assert s.gpus == () and s.system is not None and "no GPU device" in m.summary().gpu_unavailable_reason
+
+
+def test_real_nvml_source_on_this_machine_never_raises():
+    from kolora_probe.monitor import NvmlSource
+
+    src = NvmlSource()
+    reason = src.open()
+    try:
+        if reason is None:                      # a machine with a driver and a GPU
+            assert all(g.memory_total_bytes > 0 for g in src.sample())
+        else:
+            assert isinstance(reason, str) and reason
+    finally:
+        src.close()
