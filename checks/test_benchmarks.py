@@ -43,6 +43,12 @@ def _timed(fn, timings: list[float]):
     return run
 
 
+def _mean(timings: list[float], warmup: int) -> float:
+    """Mean of the timed rounds (all calls when pytest-benchmark is disabled and ran the target once)."""
+    timed = timings[warmup:] or timings
+    return sum(timed) / len(timed)
+
+
 def _peak(device, dtype: str) -> tuple[Peak | None, str | None]:
     """The device's dense peak for ``dtype``, or None and why there is none."""
     if device.type != "cuda":
@@ -75,7 +81,7 @@ def test_korean_tokenization_throughput(benchmark, tokenizer, korean_texts, evid
     rounds, warmup = 20, 2
     tokens = benchmark.pedantic(_timed(tokenize_all, timings), args=(tokenizer, texts), rounds=rounds,
                                 warmup_rounds=warmup)
-    seconds = sum(timings[warmup:]) / len(timings[warmup:])
+    seconds = _mean(timings, warmup)
     chars = sum(len(t) for t in texts)
     values = {"tokenization_chars_per_s": round(chars / seconds), "tokenization_tokens_per_s": round(tokens / seconds),
               "tokenization_chars": chars, "tokenization_tokens": tokens,
@@ -109,7 +115,7 @@ def test_forward_latency(benchmark, loaded_model, tokenizer, korean_texts, plan,
     n_matmul, _ = matmul_params(model)
     flops = forward_flops_per_token(n_matmul, shape.n_layers, t.seq_len, shape.d_attn)
     peak, why = _peak(device, t.dtype)
-    step = StepThroughput(t.batch_size, t.seq_len, sum(timings[warmup:]) / len(timings[warmup:]), flops, peak)
+    step = StepThroughput(t.batch_size, t.seq_len, _mean(timings, warmup), flops, peak)
     values = {"forward_latency_ms": round(step.seconds * 1e3, 2), "forward_tokens_per_s": round(step.tokens_per_s),
               "forward_achieved_tflops": round(step.achieved_tflops, 3),
               "forward_mfu": round(step.mfu, 4) if step.mfu is not None else None,
@@ -156,7 +162,7 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
         flops = training_flops_per_token(n_matmul, n_trainable, shape.n_layers, t.seq_len, shape.d_attn,
                                          t.gradient_checkpointing, backward=scope)
         peak, why = _peak(device, t.dtype)
-        s = StepThroughput(t.batch_size, t.seq_len, sum(timings[warmup:]) / len(timings[warmup:]), flops.total, peak)
+        s = StepThroughput(t.batch_size, t.seq_len, _mean(timings, warmup), flops.total, peak)
         changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
         frozen_same = torch.equal(frozen.detach(), frozen_before)
     finally:
