@@ -1,7 +1,8 @@
 """``kolora-probe lora``: exact trainable-parameter count of a LoRA plan, analytic and by PEFT, with findings.
 
-Needs only the model's ``config.json``. Exit 0 when the analytic and PEFT counts agree (and equal the expected
-count when one applies), 1 when they do not, 2 when the model cannot be found or the targets do not match.
+Needs only the model's ``config.json``. Exit 0 when the analytic and PEFT counts agree and equal the expected
+count where one applies (``--expected-trainable``, or the plan's value unless --targets/--r change the LoRA
+shape), 1 when they do not, 2 when the model cannot be found or the targets do not match.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _expected_applies(args: argparse.Namespace) -> bool:
     """The plan's expected count is compared when given explicitly, or when the plan's LoRA shape is unchanged."""
     if getattr(args, "plan_expected_trainable", None) is not None:
         return True
-    return all(getattr(args, d, None) is None for d in ("plan_targets", "plan_r", "plan_model"))
+    return all(getattr(args, d, None) is None for d in ("plan_targets", "plan_r"))
 
 
 def run(args: argparse.Namespace) -> int:
