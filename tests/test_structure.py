@@ -150,3 +150,55 @@ def test_matching_and_minimal_targets_follow_peft_suffix_rule():
     assert set(minimal_targets(["a.0.attn.c_proj", "a.0.attn.c_attn"], names)) == {"attn.c_proj", "c_attn"}
     assert family_of("unknown", ["m.layers.0.q_proj", "m.layers.0.k_proj", "m.layers.0.gate_proj"]) == "llama"
     assert family_of("unknown", ["m.x"]) == "generic"
+
+
+# --- the real checks, as users run them (subprocess, config-only KoGPT-2 directory) --------------------
+STRUCTURE_CHECKS = ("checks/test_structure.py", "checks/test_lora.py")
+
+
+@pytest.fixture(scope="module")
+def ko_dir(tmp_path_factory):
+    from structure_configs import save_config
+
+    return save_config(kogpt2_config(), tmp_path_factory.mktemp("kogpt2-config-only"))
+
+
+def test_checks_pass_on_config_only_kogpt2(ko_dir, tmp_path):
+    from suite_runner import run_suite
+
+    run = run_suite(*STRUCTURE_CHECKS, "--model", str(ko_dir), reports=tmp_path / "reports")
+    assert run.returncode == 0, run.output[-3000:]
+    outcomes = run.outcomes()
+    assert len(outcomes) == 7 and set(outcomes.values()) == {"passed"}, outcomes
+    ev = {e["name"]: e for e in run.outcome("test_trainable_params_as_planned")["evidence"]}
+    assert ev["trainable_params"]["actual"] == ev["trainable_params"]["expected"] == 831_488
+    pct = {e["name"]: e for e in run.outcome("test_trainable_percent")["evidence"]}["trainable_percent"]
+    assert round(pct["actual"], 2) == 0.66
+    html = run.html
+    assert "831,488 (expected 831488), 0.6599 %" in html                # the summary row
+    assert "module table" in html and "transformer.h.11.mlp.c_proj" in html
+    assert "LoRA findings" in html and "tied_target" in html
+
+
+def test_checks_fail_on_misspelt_target(ko_dir, tmp_path):
+    from suite_runner import run_suite
+
+    run = run_suite(*STRUCTURE_CHECKS, "--model", str(ko_dir), "--targets", "c_atn", reports=tmp_path / "r")
+    assert run.returncode == 1
+    c = run.outcome("test_every_target_matches")
+    assert c["outcome"] == "failed"
+    assert c["message"] == ("target 'c_atn' matches no module; close names: c_attn; "
+                            "fix [lora].target_modules or --targets")
+    assert run.outcome("test_adaptable_layers_found")["outcome"] == "passed"
+
+
+def test_checks_fail_on_wrong_expected_count(ko_dir, tmp_path):
+    from suite_runner import run_suite
+
+    run = run_suite(*STRUCTURE_CHECKS, "--model", str(ko_dir), "--expected-trainable", "1", reports=tmp_path / "r")
+    assert run.returncode == 1
+    c = run.outcome("test_trainable_params_as_planned")
+    assert c["outcome"] == "failed"
+    assert c["message"].startswith("AssertionError: trainable parameters 831,488 != expected 1 for targets "
+                                   "['lm_head'] r=16; fix [lora].expected_trainable_params")
+    assert run.outcome("test_analytic_count_equals_peft")["outcome"] == "passed"
