@@ -56,7 +56,8 @@ def _peak(device, dtype: str) -> tuple[Peak | None, str | None]:
     import torch
 
     name = torch.cuda.get_device_name(device)
-    peak = peak_tflops(name, dtype, allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32))
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    peak = peak_tflops(name, dtype, allow_tf32=tf32)
     return peak, None if peak else f"{name!r} ({dtype}) is not in kolora_probe.throughput.PEAK_TFLOPS"
 
 
