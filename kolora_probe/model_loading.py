@@ -1,0 +1,225 @@
+"""Load the plan's model weights once, safely: safetensors preferred, ``.bin`` only through weights-only unpickling.
+
+:func:`load_model` resolves the model with :mod:`kolora_probe.model_source` (local dir, HF cache, hub), picks
+the weight file (``model.safetensors`` or its shard index first, then ``pytorch_model.bin``), verifies it before
+transformers touches it and loads it with ``trust_remote_code=False``. It never falls back to another model.
+
+* safetensors: the header must parse and every tensor's byte range must match its dtype × shape and lie inside
+  the file (a truncated download fails with one line instead of a deep stack trace).
+* ``.bin``: unpickled first with ``torch.load(weights_only=True)``, which refuses any pickle that would run code
+  (e.g. a ``__reduce__`` calling ``exec``); only then does transformers load it (also weights-only).
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .model_source import ModelSource, RemoteCodeRefused, hub_offline, load_config, resolve_model_source
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1}
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights could not be loaded; the message is one actionable line."""
+
+
+@dataclass(frozen=True)
+class SafetensorsInfo:
+    path: Path
+    tensors: int
+    header_bytes: int
+    data_bytes: int       # bytes the header's tensors need
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any                        # a transformers PreTrainedModel in eval mode, on CPU
+    source: ModelSource
+    config: Any
+    weight_format: str                # "safetensors" | "bin-weights-only"
+    weight_files: tuple[Path, ...]
+    load_seconds: float
+    total_params: int                 # shared parameters counted once
+    trainable_params: int
+    tied: tuple[tuple[str, ...], ...]  # groups of parameter names that share one tensor
+    tie_expected: bool                # the config asks for tied input/output embeddings
+    missing_keys: tuple[str, ...] = field(default_factory=tuple)
+    unexpected_keys: tuple[str, ...] = field(default_factory=tuple)
+    mismatched_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def head_tied(self) -> bool:
+        """True when the output embedding (lm_head) is the very tensor of the input embedding."""
+        out = self.model.get_output_embeddings()
+        inp = self.model.get_input_embeddings()
+        return out is not None and inp is not None and out.weight is inp.weight
+
+
+def fetch_file(source: ModelSource, filename: str) -> Path | None:
+    """``filename`` of the model: from its directory, else (cache/hub sources, online) downloaded; None if absent."""
+    p = source.path / filename
+    if p.is_file():
+        return p
+    if source.kind == "local" or hub_offline():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(source.model_id, filename, revision=source.revision))
+    except Exception:  # noqa: BLE001 - absent on the hub is the same answer as absent locally
+        return None
+
+
+def check_safetensors(path: Path) -> SafetensorsInfo:
+    """Parse a safetensors header and check each tensor's byte range against its dtype/shape and the file size."""
+    size = path.stat().st_size
+    fix = f"re-download or re-save it (save_pretrained) — the file {path} is incomplete or corrupt"
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"{path.name} is truncated: {size} bytes, too short for a safetensors header; {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ModelLoadError(f"{path.name} is truncated: header says {n} header bytes but the file has {size} "
+                                 f"bytes; {fix}")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"{path.name}: unreadable safetensors header ({exc}); {fix}") from None
+    end = 0
+    tensors = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = meta["data_offsets"]
+            numel = 1
+            for d in meta["shape"]:
+                numel *= int(d)
+            want = numel * _DTYPE_BYTES.get(meta["dtype"], 0) if meta["dtype"] in _DTYPE_BYTES else stop - start
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path.name}: malformed safetensors header entry {name!r}; {fix}") from None
+        if stop - start != want or stop < start:
+            raise ModelLoadError(f"{path.name}: tensor {name} occupies {stop - start} bytes but dtype {meta['dtype']} "
+                                 f"× shape {meta['shape']} needs {want}; {fix}")
+        end = max(end, stop)
+        tensors += 1
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path.name} is truncated: its {tensors} tensors need {8 + n + end} bytes but the file "
+                             f"has {size}; {fix}")
+    return SafetensorsInfo(path, tensors, n, end, size)
+
+
+def _shards(index: Path) -> list[str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        return sorted(set(data["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"{index}: unreadable shard index ({exc}); re-download or re-save the model") from None
+
+
+def verify_bin_weights_only(path: Path) -> None:
+    """Unpickle ``path`` with ``torch.load(weights_only=True)``: tensors only; a pickle that runs code is refused."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        specific = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", (specific or lines or [type(exc).__name__])[0]).split(". Please")[0]
+        raise ModelLoadError(
+            f"{path.name} refused: it is not a plain weights pickle (torch.load weights_only=True: {reason[:200]}); "
+            f"kolora-probe never unpickles arbitrary objects — use a model.safetensors copy of this model") from None
+
+
+def find_weights(source: ModelSource) -> tuple[str, tuple[Path, ...]]:
+    """(format, files) of the model's weights, safetensors preferred; raises ModelLoadError when there are none."""
+    for index_name, single, fmt in ((SAFETENSORS_INDEX, SAFETENSORS, "safetensors"), (None, None, None),
+                                    (BIN_INDEX, BIN, "bin-weights-only")):
+        if index_name is None:
+            continue
+        single_path = fetch_file(source, single)
+        if single_path is not None:
+            return fmt, (single_path,)
+        index_path = fetch_file(source, index_name)
+        if index_path is not None:
+            files = []
+            for shard in _shards(index_path):
+                sp = fetch_file(source, shard)
+                if sp is None:
+                    raise ModelLoadError(f"{index_path} lists shard {shard}, which is missing; re-download the model")
+                files.append(sp)
+            return fmt, tuple(files)
+    present = ", ".join(source.files) or "nothing"
+    raise ModelLoadError(
+        f"no model weights in {source.path} (has {present}; expected {SAFETENSORS} or {BIN}); point --model "
+        f"(or [model].id) at a directory written by save_pretrained() with its weights")
+
+
+def tied_groups(model) -> tuple[tuple[str, ...], ...]:
+    """Names of parameters sharing one tensor (e.g. ``lm_head.weight`` and ``transformer.wte.weight``)."""
+    by_ptr: dict[tuple, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault((p.data_ptr(), tuple(p.shape), p.device.type), []).append(name)
+    return tuple(tuple(sorted(names)) for names in by_ptr.values() if len(names) > 1)
+
+
+def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> LoadedModel:
+    """Resolve, verify and load ``model_id`` as a causal LM on CPU. Raises ModelNotFound / ModelLoadError."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .meta_model import count_parameters, torch_dtype
+
+    source = resolve_model_source(model_id, revision)
+    try:
+        config = load_config(source)
+    except RemoteCodeRefused as exc:
+        raise ModelLoadError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{source.path / 'config.json'}: unreadable config ({str(exc).splitlines()[0][:200]}); "
+                             f"re-save the model with save_pretrained()") from None
+    fmt, files = find_weights(source)
+    for f in files:
+        if fmt == "safetensors":
+            check_safetensors(f)
+        else:
+            verify_bin_weights_only(f)
+    t0 = time.perf_counter()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(source.path), config=config, trust_remote_code=False, use_safetensors=(fmt == "safetensors"),
+            dtype=torch_dtype(dtype), output_loading_info=True, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - reported as one line, never hidden
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"loading {files[0].name} from {source.path} failed: {type(exc).__name__}: "
+                             f"{msg[:240]}; re-download or re-save the model") from None
+    seconds = time.perf_counter() - t0
+    model.eval()
+    total, trainable = count_parameters(model)
+    tie = bool(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                       "tie_word_embeddings", False))
+    del torch
+    return LoadedModel(
+        model=model, source=source, config=config, weight_format=fmt, weight_files=files, load_seconds=seconds,
+        total_params=total, trainable_params=trainable, tied=tied_groups(model), tie_expected=tie,
+        missing_keys=tuple(sorted(info.get("missing_keys", ()))),
+        unexpected_keys=tuple(sorted(info.get("unexpected_keys", ()))),
+        mismatched_keys=tuple(sorted(str(k[0]) if isinstance(k, tuple) else str(k)
+                                     for k in info.get("mismatched_keys", ()))))
