@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
 
 FIX = "fix [lora].target_modules or --targets"
+PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 LORA_ADAPTER_BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype=True)
 
 
@@ -29,7 +30,7 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class Finding:
-    code: str        # tied_target | conv1d_fan_in_fan_out | partial_kind | adapter_size | peft_warning
+    code: str        # embedding_saved | tied_target | conv1d_fan_in_fan_out | partial_kind | adapter_size
     severity: str    # info | warning
     message: str
 
@@ -173,24 +174,43 @@ def lora_params_of(layer: Layer, r: int) -> int:
 
 
 def _mb(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB"
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.1f} kB"
 
 
 def _findings(report: StructureReport, model: Any, targeted: list[Layer], matches: tuple[TargetMatch, ...],
               lora_params: int) -> tuple[list[Finding], int]:
     findings: list[Finding] = []
-    extra_bytes = 0
     params = dict(model.named_parameters(remove_duplicate=False))
+    targeted_names = {l.name for l in targeted}
+
+    # PEFT's save_pretrained(save_embedding_layers="auto") stores the full weight of the targeted input/output
+    # embedding when a target is literally one of EMBEDDING_LAYER_NAMES (peft.utils.save_and_load)
+    saved: dict[int, tuple[str, Any]] = {}
+    if any(m.target in PEFT_EMBEDDING_LAYER_NAMES for m in matches):
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            emb = getattr(model, getter, lambda: None)()
+            name = next((n for n, mod in model.named_modules() if mod is emb), None) if emb is not None else None
+            w = params.get(f"{name}.weight") if name else None
+            if name in targeted_names and w is not None:
+                saved.setdefault(id(w), (name, w))
+    extra_bytes = sum(int(w.numel()) * w.element_size() for _, w in saved.values())
+    saved_names = {n for n, _ in saved.values()}
+    for name, w in saved.values():
+        findings.append(Finding("embedding_saved", "warning", (
+            f"target {name.rsplit('.', 1)[-1]!r} is one of PEFT's embedding layer names: save_pretrained stores the "
+            f"full {name} weight ({'×'.join(str(x) for x in w.shape)}, ~{_mb(int(w.numel()) * w.element_size())}) "
+            f"with the adapter; pass save_embedding_layers=False to keep only the LoRA weights")))
     for l in targeted:
         if l.tied_with:
             w = params.get(f"{l.name}.weight")
-            esize = w.element_size() if w is not None else 4
-            numel = l.in_features * l.out_features
-            extra_bytes += numel * esize
+            partner = ("the input embedding" if l.role == "output_head" else
+                       "the output head" if l.role == "embedding" else "the tied module")
+            size = (f"PEFT saves the full {'×'.join(str(x) for x in w.shape)} shared weight with the adapter "
+                    f"(~{_mb(int(w.numel()) * w.element_size())}), and " if l.name in saved_names and w is not None
+                    else "")
             findings.append(Finding("tied_target", "warning", (
-                f"{l.name} is tied to {', '.join(l.tied_with)}: PEFT saves the full {l.out_features}×{l.in_features}"
-                f" embedding with the adapter (~{_mb(numel * esize)}), and merging the adapter changes the input "
-                f"embedding too; target other layers or accept a large adapter")))
+                f"{l.name} is tied to {', '.join(l.tied_with)}: {size}merging the adapter changes {partner} "
+                f"({', '.join(t.removesuffix('.weight') for t in l.tied_with)}) too; target other layers if it must stay unchanged")))
     conv = [l for l in targeted if l.kind == CONV1D]
     if conv:
         findings.append(Finding("conv1d_fan_in_fan_out", "info", (
@@ -214,7 +234,7 @@ def _findings(report: StructureReport, model: Any, targeted: list[Layer], matche
     adapter = lora_params * LORA_ADAPTER_BYTES_PER_PARAM + extra_bytes
     findings.append(Finding("adapter_size", "info", (
         f"saved adapter ≈ {_mb(adapter)} ({lora_params:,} LoRA parameters in fp32"
-        + (f" + tied embedding {_mb(extra_bytes)}" if extra_bytes else "") + ")")))
+        + (f" + saved embedding weights {_mb(extra_bytes)}" if extra_bytes else "") + ")")))
     return findings, adapter
 
 

@@ -52,6 +52,7 @@ def test_kogpt2_lm_head_is_066_percent_and_tied_findings(ko):
     emb_bytes = KO_VOCAB * KO_D * 4                                                  # fp32 embedding
     assert "157.3 MB" in codes["tied_target"].message and "transformer.wte" in codes["tied_target"].message
     assert "merging" in codes["tied_target"].message
+    assert "embedding_saved" in codes and "51200×768, ~157.3 MB" in codes["embedding_saved"].message
     assert c.adapter_bytes == 831_488 * 4 + emb_bytes
     assert "conv1d_fan_in_fan_out" not in codes
     assert any("ensure_weight_tying" in w or "tie" in w for w in c.peft_warnings)
@@ -160,3 +161,23 @@ def test_targets_also_in_modules_to_save_are_excluded_like_peft(ko):
     assert len(m.modules) == KO_LAYERS and all(n.endswith("mlp.c_fc") for n in m.modules)
     with pytest.raises(TargetError, match="'lm_head' only matches layers that modules_to_save"):
         resolve_targets(rep, ["lm_head"], modules_to_save=["lm_head"])
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["c_attn"], ["wte"], ["c_attn", "lm_head"]])
+def test_adapter_bytes_equal_what_peft_saves(targets):
+    """adapter_bytes == bytes of PEFT's get_peft_model_state_dict (incl. the full embedding it adds for lm_head)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    c = count_lora(model, targets, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, target_modules=targets))
+        state = get_peft_model_state_dict(peft_model)
+    assert c.adapter_bytes == sum(t.numel() * t.element_size() for t in state.values())
+    saves_embedding = any(k.endswith("base_layer.weight") for k in state)
+    assert saves_embedding == ("lm_head" in targets) == any(f.code == "embedding_saved" for f in c.findings)
