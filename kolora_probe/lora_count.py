@@ -6,7 +6,8 @@ embedding A is r×num_embeddings, B is dim×r), plus biases (``bias="all"``: eve
 targets are applied with PEFT (``get_peft_model`` on a fresh meta-device model: no weights, no memory) and
 ``get_nb_trainable_parameters()`` must give the same number.
 
-Target names are matched like PEFT (exact name or dotted suffix). :func:`resolve_targets` raises
+Target names are matched like PEFT (exact name or dotted suffix; ``["all-linear"]`` is PEFT's shorthand for every
+Linear/Conv1D layer except the output head). :func:`resolve_targets` raises
 :class:`TargetError` (one line, with the fix) for an empty list, a name that matches nothing (listing close names)
 or a name that matches only modules LoRA cannot wrap.
 """
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
 
 FIX = "fix [lora].target_modules or --targets"
+ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
 PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 LORA_ADAPTER_BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype=True)
 
@@ -142,6 +144,12 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
         raise TargetError(f"LoRA target list is empty; name at least one layer, e.g. "
                           f"{', '.join(report.suggested[0].targets) if report.suggested else 'lm_head'}; {FIX}")
     layer_names = [l.name for l in report.layers if not _excluded_by_modules_to_save(l.name, modules_to_save)]
+    if len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
+        # PEFT's shorthand: every Linear/Conv1D layer except the output embedding (embeddings are not Linear)
+        hit = tuple(n for n in layer_names if report.layer(n).kind != EMBEDDING and report.layer(n).role != "output_head")
+        if not hit:
+            raise TargetError(f"target 'all-linear' matches no Linear/Conv1D layer besides the head; {FIX}")
+        return (TargetMatch(targets[0], hit),)
     problems: list[str] = []
     matches: list[TargetMatch] = []
     for t in targets:
@@ -324,7 +332,9 @@ def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: s
     """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias=bias,
+    shorthand = len(targets) == 1 and targets[0].lower() == ALL_LINEAR
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias=bias,
+                        target_modules=ALL_LINEAR if shorthand else list(targets),
                         modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
                         fan_in_fan_out=conv1d)
     with warnings.catch_warnings(record=True) as caught:

@@ -107,3 +107,13 @@ def test_missing_model_one_line_exit_2(tmp_path):
         assert "HF_HUB_OFFLINE" in line and "--model DIR" in line
     p = cli("analyze", "--model", str(tmp_path))                  # a directory without config.json
     assert p.returncode == 2 and "has no config.json" in our_lines(p.stderr, "analyze")[0]
+
+
+def test_cli_help_path_imports_no_torch():
+    code = ("import sys; from kolora_probe import cli; cli.build_parser(); "
+            "print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "kolora_probe", "lora", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "--targets" in p.stdout and "--plan" in p.stdout and "--json" in p.stdout

@@ -181,3 +181,9 @@ def test_adapter_bytes_equal_what_peft_saves(targets):
     assert c.adapter_bytes == sum(t.numel() * t.element_size() for t in state.values())
     saves_embedding = any(k.endswith("base_layer.weight") for k in state)
     assert saves_embedding == ("lm_head" in targets) == any(f.code == "embedding_saved" for f in c.findings)
+
+
+def test_all_linear_shorthand_excludes_the_head_like_peft(ko):
+    c = _count(ko, ["all-linear"])
+    assert c.trainable_params == c.peft_trainable_params == 2_359_296          # = c_attn + c_proj + c_fc
+    assert "lm_head" not in {m.name for m in c.modules} and len(c.modules) == 4 * KO_LAYERS
