@@ -267,19 +267,19 @@ def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None =
     targeted = [l for l in report.layers if l.name in targeted_names]
 
     params = dict(model.named_parameters())  # de-duplicated (shared tensors once)
-    from .structure import _numel
+    from .structure import param_numel
 
     bias_params = 0
     per_bias: dict[str, int] = {}
     if bias == "all":
-        bias_params = sum(_numel(p) for n, p in params.items() if n == "bias" or n.endswith(".bias"))
+        bias_params = sum(param_numel(p) for n, p in params.items() if n == "bias" or n.endswith(".bias"))
         for l in targeted:
             b = params.get(f"{l.name}.bias")
-            per_bias[l.name] = _numel(b) if b is not None else 0
+            per_bias[l.name] = param_numel(b) if b is not None else 0
     elif bias == "lora_only":
         for l in targeted:
             b = params.get(f"{l.name}.bias")
-            per_bias[l.name] = _numel(b) if b is not None else 0
+            per_bias[l.name] = param_numel(b) if b is not None else 0
         bias_params = sum(per_bias.values())
     elif bias != "none":
         raise ValueError(f"bias={bias!r} is invalid; expected one of 'none', 'all', 'lora_only'")
@@ -295,7 +295,7 @@ def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None =
             for p in mods[n].parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    mts_params += _numel(p)
+                    mts_params += param_numel(p)
 
     rows = tuple(ModuleCount(l.name, l.kind, l.in_features, l.out_features, l.role, r, lora_params_of(l, r),
                              per_bias.get(l.name, 0)) for l in targeted)

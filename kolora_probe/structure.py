@@ -145,7 +145,7 @@ def _features(module: Any, kind: str) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
-def _numel(p: Any) -> int:
+def param_numel(p: Any) -> int:
     import torch
 
     n = int(p.numel())
@@ -236,7 +236,7 @@ def analyze_model(model: Any) -> StructureReport:
     total_untied = 0
     for pname, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(pname)
-        numel_of[id(p)] = _numel(p)
+        numel_of[id(p)] = param_numel(p)
         total_untied += numel_of[id(p)]
     total = sum(numel_of.values())
     tied_groups = tuple(TiedGroup(tuple(ns), numel_of[i]) for i, ns in by_id.items() if len(ns) > 1)
@@ -264,7 +264,7 @@ def analyze_model(model: Any) -> StructureReport:
         fin, fout = _features(module, kind)
         bias = getattr(module, "bias", None)
         has_bias = bias is not None and hasattr(bias, "numel")
-        params = sum(_numel(p) for p in module.parameters(recurse=False))
+        params = sum(param_numel(p) for p in module.parameters(recurse=False))
         weight_name = f"{mname}.weight"
         layers.append(Layer(name=mname, kind=kind, in_features=fin, out_features=fout,
                             role=role_of(mname, kind, family, module is out_emb and out_emb is not None),

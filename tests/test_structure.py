@@ -123,6 +123,22 @@ def test_opt_roles_tie_and_total():
     assert s["attention+mlp"] == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
 
+def test_other_architecture_gets_roles_from_layer_names():
+    """GPT-J has no rule of its own: roles come from the containers (attn / mlp) and the name-based family."""
+    from transformers import GPTJConfig
+
+    d, layers = 64, 2
+    rep = analyze_model(build_meta_model(GPTJConfig(vocab_size=100, n_positions=32, n_embd=d, n_layer=layers,
+                                                    n_head=4, rotary_dim=8, bos_token_id=0, eos_token_id=0)))
+    roles = {r: len(ls) for r, ls in rep.by_role().items()}
+    assert roles == {"attention": 4 * layers, "mlp": 2 * layers, "output_head": 1, "embedding": 1, "other": 0}
+    fc_in = rep.layer("transformer.h.1.mlp.fc_in")
+    assert (fc_in.role, fc_in.in_features, fc_in.out_features) == ("mlp", d, 4 * d)
+    assert rep.layer("transformer.h.0.attn.out_proj").role == "attention"
+    s = {t.name: set(t.targets) for t in rep.suggested}
+    assert s["attention+mlp"] == {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"}
+
+
 def test_loaded_model_and_bitsandbytes_layers_are_adaptable():
     """A real (non-meta) model works too, and bnb Linear4bit / Linear8bitLt are recognised with their features."""
     import bitsandbytes as bnb
