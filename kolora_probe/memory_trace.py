@@ -1,0 +1,508 @@
+"""Predicted peak memory of one real LoRA/QLoRA training step, traced on fake tensors (no GPU, no weights).
+
+How (details and measurements: /work/shared/notes/memory-estimation.md):
+
+* The plan's model is built on the meta device from its config (:func:`kolora_probe.meta_model.build_meta_model`),
+  optionally with bitsandbytes ``Linear4bit`` layers (NF4, double quantization) in place of the Linear/Conv1D
+  layers transformers would quantize, then wrapped with PEFT LoRA exactly as the plan says.
+* Every parameter and buffer is converted to a ``FakeTensor`` on the CPU (``FakeTensorMode``): shapes, dtypes
+  and storages exist, no memory does. One warm-up step creates the optimizer state untracked; the second step
+  (forward with labels, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``) runs under PyTorch's
+  ``torch.distributed._tools.mem_tracker.MemTracker``, which follows every storage's lifetime.
+* :class:`_LoRAMemTracker` adapts MemTracker: upstream registers gradient hooks on every parameter and raises on
+  frozen ones (LoRA base weights); every storage is rounded up to the CUDA caching allocator's 512-byte block;
+  and the live bytes are grouped into components as they change so the breakdown at the peak is exact.
+* With ``cuda=True`` (the default) :func:`kolora_probe.memory_emulation.cuda_like_kernels` makes the CPU trace
+  pick CUDA's kernels (flash / memory-efficient SDPA, fused dropout, CUDA autocast policy). ``cuda=False`` traces
+  CPU semantics without rounding, which a real CPU step reproduces byte for byte (tests/test_memory_trace.py).
+
+``predicted_peak_bytes`` means what ``torch.cuda.max_memory_allocated()`` would report for the step: the CUDA
+context, cuBLAS workspace and allocator slack (reserved − allocated) are not included.
+
+NF4 storage (bitsandbytes 0.50, measured equal on CPU in the spike): without double quantization
+``⌈n/2⌉ + 4·⌈n/64⌉ + 64`` bytes; with it ``⌈n/2⌉ + ⌈n/64⌉ + 4·⌈n/16384⌉ + 4 + 1024 + 64`` bytes. The quant-state
+tensors are not module parameters, so MemTracker does not see them: they are added as resident bytes (each its
+own CUDA allocation, rounded to 512 B). 8-bit AdamW (bitsandbytes) keeps two uint8 states plus one fp32 absmax
+per 256-element block per state for tensors of ≥ 4096 elements and fp32 states below that
+(``bnb.optim.Optimizer8bit``, ``min_8bit_size=4096``, ``block_wise=True``): traced as a stateless step plus those
+resident bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+CUDA_BLOCK = 512  # bytes; PyTorch's CUDA caching allocator rounds every allocation up to this
+COMPONENTS = ("frozen_weights", "lora_weights", "gradients", "optimizer_states", "activations",
+              "logits_and_loss", "workspace")
+BNB_8BIT_MIN_SIZE = 4096      # bnb.optim min_8bit_size
+BNB_8BIT_BLOCK = 256          # bnb blockwise optimizer block size
+
+
+class TraceUnsupported(RuntimeError):
+    """This configuration cannot be traced (the message says why); use the closed form instead."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one training step looks like: everything in the plan that changes memory."""
+    batch_size: int
+    seq_len: int
+    dtype: str = "fp32"              # fp32, or the autocast dtype fp16/bf16
+    weights_dtype: str = "fp32"
+    quantization: str = "none"
+    double_quant: bool = True
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    use_cache: bool = False
+    targets: tuple[str, ...] = ("c_attn",)
+    r: int = 16
+    alpha: float = 32.0
+    lora_dropout: float = 0.05
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+    @classmethod
+    def from_plan(cls, plan: Any, batch_size: int | None = None, seq_len: int | None = None) -> "StepShape":
+        t, lo = plan.training, plan.lora
+        return cls(batch_size=batch_size or t.batch_size, seq_len=seq_len or t.seq_len, dtype=t.dtype,
+                   weights_dtype=t.weights_dtype, quantization=t.quantization, double_quant=t.double_quant,
+                   gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer, use_cache=t.use_cache,
+                   targets=tuple(lo.target_modules), r=lo.r, alpha=lo.alpha, lora_dropout=lo.dropout,
+                   bias=lo.bias, modules_to_save=tuple(lo.modules_to_save))
+
+    def with_(self, **kw: Any) -> "StepShape":
+        return replace(self, **kw)
+
+    def describe(self) -> str:
+        return (f"b={self.batch_size} s={self.seq_len} {self.dtype} (weights {self.weights_dtype}) "
+                f"quant={self.quantization} gc={self.gradient_checkpointing} opt={self.optimizer} "
+                f"lora r={self.r} on {','.join(self.targets)}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    predicted_peak_bytes: int
+    components: Mapping[str, int]            # name → bytes live at the peak; sums to predicted_peak_bytes
+    peak_phase: str                          # forward | backward | optimizer
+    peak_op: str                             # e.g. "aten._log_softmax_backward_data in lm_head"
+    method: str                              # trace | closed_form
+    wall_s: float
+    shape: StepShape
+    semantics: str = "cuda"                  # cuda (emulated kernels, 512-B rounding) | cpu
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"predicted_peak_bytes": self.predicted_peak_bytes, "components": dict(self.components),
+                "peak_phase": self.peak_phase, "peak_op": self.peak_op, "method": self.method,
+                "wall_s": round(self.wall_s, 3), "semantics": self.semantics, "notes": list(self.notes),
+                "shape": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.shape).items()}}
+
+
+def round_block(n: int, block: int = CUDA_BLOCK) -> int:
+    return int(math.ceil(n / block) * block) if block > 1 else int(n)
+
+
+# --- closed-form storage of quantized weights and 8-bit optimizer states ----------------------------------
+def nf4_tensor_sizes(n: int, double_quant: bool = True, blocksize: int = 64,
+                     nested_blocksize: int = 256) -> dict[str, int]:
+    """Bytes of each tensor bitsandbytes keeps for one NF4-quantized weight of ``n`` elements."""
+    nb = math.ceil(n / blocksize)
+    if not double_quant:
+        return {"packed": math.ceil(n / 2), "absmax": 4 * nb, "code": 16 * 4}
+    nb2 = math.ceil(nb / nested_blocksize)
+    return {"packed": math.ceil(n / 2), "absmax": nb, "code": 16 * 4, "offset": 4,
+            "absmax2": 4 * nb2, "code2": 256 * 4}
+
+
+def nf4_bytes(n: int, double_quant: bool = True, block: int = 1) -> int:
+    """Total bytes of one NF4 weight (``block`` = allocator rounding per tensor: 1, or 512 on CUDA)."""
+    return sum(round_block(v, block) for v in nf4_tensor_sizes(n, double_quant).values())
+
+
+def adamw8bit_state_bytes(numels: list[int], block: int = 1) -> int:
+    """Resident bytes of bitsandbytes AdamW8bit state for trainable tensors of these sizes."""
+    total = 0
+    for n in numels:
+        if n >= BNB_8BIT_MIN_SIZE:
+            total += 2 * (round_block(n, block) + round_block(4 * math.ceil(n / BNB_8BIT_BLOCK), block))
+        else:
+            total += 2 * round_block(4 * n, block)
+    return total
+
+
+# --- the model of the plan --------------------------------------------------------------------------------
+def lora_config(shape: StepShape, conv1d: bool) -> Any:
+    from peft import LoraConfig
+
+    shorthand = len(shape.targets) == 1 and shape.targets[0].lower() == "all-linear"
+    return LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=shape.lora_dropout, bias=shape.bias,
+                      target_modules="all-linear" if shorthand else list(shape.targets),
+                      modules_to_save=list(shape.modules_to_save) or None, task_type="CAUSAL_LM",
+                      fan_in_fan_out=conv1d)
+
+
+def _targets_conv1d(model: Any, targets: tuple[str, ...]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) and any(n == t or n.endswith("." + t) for t in targets)
+               for n, m in model.named_modules())
+
+
+def _enable_checkpointing(model: Any) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _quantize_4bit_meta(model: Any, shape: StepShape) -> Any:
+    """Swap the layers transformers would quantize for bnb ``Linear4bit`` (still on the meta device)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from .meta_model import torch_dtype
+
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=shape.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(shape.dtype))
+    model = replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model),
+                                    quantization_config=qcfg)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def build_step_model(config: Any, shape: StepShape, device: str = "meta") -> Any:
+    """The plan's causal LM with PEFT LoRA, on ``device`` ("meta" for tracing, "cpu"/"cuda" to measure).
+
+    On a real device the weights are random (initialised by transformers), which is all memory needs.
+    """
+    import torch
+    from peft import get_peft_model
+
+    from .meta_model import build_meta_model, torch_dtype
+
+    config = copy.deepcopy(config)
+    config.use_cache = shape.use_cache
+    if shape.quantization == "8bit":
+        raise TraceUnsupported("8-bit (LLM.int8) frozen weights cannot be built without a CUDA GPU; "
+                               "use the closed form (--method closed-form)")
+    if device == "meta":
+        model = build_meta_model(config, shape.weights_dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False,
+                                                     dtype=torch_dtype(shape.weights_dtype))
+    if shape.quantization == "4bit":
+        if device != "meta":
+            raise TraceUnsupported("real 4-bit steps are measured by loading the model with BitsAndBytesConfig; "
+                                   "build_step_model only builds them on the meta device")
+        model = _quantize_4bit_meta(model, shape)
+    if shape.gradient_checkpointing:
+        _enable_checkpointing(model)
+    conv1d = _targets_conv1d(model, shape.targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with (torch.device("meta") if device == "meta" else contextlib.nullcontext()):
+            peft_model = get_peft_model(model, lora_config(shape, conv1d))
+    peft_model.train()
+    return peft_model
+
+
+def make_optimizer(model: Any, shape: StepShape, cuda: bool, traced: bool = True) -> Any:
+    """The plan's optimizer. AdamW uses the foreach implementation on CUDA (PyTorch's default there)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if shape.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True if cuda else None)
+    if shape.optimizer == "adamw_8bit" and not traced:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.SGD(params, lr=1e-4)   # sgd, or the stateless stand-in for traced adamw_8bit
+
+
+def _fake_quant_state(fm: Any, mod: Any, double_quant: bool) -> int:
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    conv = fm.fake_tensor_converter
+
+    def fake(sz: tuple[int, ...], dtype: Any) -> Any:
+        return conv.from_meta_and_device(fm, torch.empty(sz, dtype=dtype, device="meta"), torch.device("cpu"))
+
+    out_f, in_f = mod.out_features, mod.in_features
+    n = out_f * in_f
+    nb = math.ceil(n / 64)
+    cdt = mod.compute_dtype or torch.float32
+    if double_quant:
+        nb2 = math.ceil(nb / 256)
+        st2 = QuantState(absmax=fake((nb2,), torch.float32), code=fake((256,), torch.float32), blocksize=256,
+                         dtype=torch.float32)
+        qs = QuantState(absmax=fake((nb,), torch.uint8), shape=torch.Size([out_f, in_f]),
+                        code=fake((16,), torch.float32), blocksize=64, quant_type="nf4", dtype=cdt,
+                        offset=fake((), torch.float32), state2=st2)
+    else:
+        qs = QuantState(absmax=fake((nb,), torch.float32), shape=torch.Size([out_f, in_f]),
+                        code=fake((16,), torch.float32), blocksize=64, quant_type="nf4", dtype=cdt)
+    packed = fake((math.ceil(n / 2), 1), torch.uint8)
+    with fm:
+        p = torch.nn.Parameter(packed, requires_grad=False)
+    p.quant_state, p.bnb_quantized, p.quant_type, p.blocksize = qs, True, "nf4", 64
+    mod._parameters["weight"] = p
+    mod.quant_state = qs
+    return n
+
+
+def fakeify(model: Any, fm: Any, double_quant: bool = True) -> int:
+    """Replace every meta parameter/buffer by a fake CPU tensor (shared tensors stay shared).
+
+    bnb ``Linear4bit`` weights become fake packed uint8 tensors with a fake QuantState. Returns the number of
+    quantized weight elements.
+    """
+    import torch
+
+    quantized = 0
+    try:
+        import bitsandbytes as bnb
+        lin4 = bnb.nn.Linear4bit
+    except Exception:  # noqa: BLE001 - bitsandbytes missing: nothing can be 4-bit
+        lin4 = ()
+    cpu = torch.device("cpu")
+    conv = fm.fake_tensor_converter
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        if lin4 and isinstance(mod, lin4) and mod.weight.device.type == "meta":
+            quantized += _fake_quant_state(fm, mod, double_quant)
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) not in memo:
+                ft = conv.from_meta_and_device(fm, p.detach(), cpu)
+                with fm:
+                    memo[id(p)] = torch.nn.Parameter(ft, requires_grad=p.requires_grad)
+            mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                if id(b) not in memo:
+                    memo[id(b)] = conv.from_meta_and_device(fm, b, cpu)
+                mod._buffers[name] = memo[id(b)]
+    return quantized
+
+
+# --- the tracker -------------------------------------------------------------------------------------------
+def _tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
+
+    class _LoRAMemTracker(MemTracker):
+        """MemTracker that tolerates frozen parameters and keeps a component breakdown at the peak."""
+
+        def __init__(self, head_names: tuple[str, ...]):
+            super().__init__()
+            self._head_names = head_names
+            self._cur_op = "start"
+            self.comp: dict[str, int] = {}
+            self.peak_total = 0
+            self.peak_comp: dict[str, int] = {}
+            self.peak_where: tuple[str, str, bool] = ("start", "Global", False)
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            def _grad_hook(grad):
+                self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+            param_memory = 0
+            for param in module.parameters():
+                winfos = self._update_and_maybe_create_winfos(param, _MemRefType.PARAM)
+                param_memory += sum(w.mem_consumed for w in winfos)
+                if param.grad is not None:
+                    self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
+                if (param.requires_grad and install_grad_hooks
+                        and self._param_to_grad_hook_handles.get(param, None) is None):
+                    h1 = param.register_hook(_grad_hook)
+                    h2 = param.register_post_accumulate_grad_hook(lambda p: _grad_hook(p.grad))
+                    self._param_to_grad_hook_handles[param] = (h1, h2)
+            buffer_memory = 0
+            for buffer in module.buffers():
+                winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+                buffer_memory += sum(w.mem_consumed for w in winfos)
+            return param_memory, buffer_memory
+
+        def _innermost(self) -> str:
+            parents = [p for p in self._mod_tracker.parents if p != "Global"]
+            return max(parents, key=len) if parents else "Global"
+
+        def _where(self, winfo) -> str:
+            where = getattr(winfo, "_kp_where", None)
+            if where is None:
+                mod = self._innermost()
+                if mod == "Global":
+                    where = "workspace"
+                elif mod == self._head_names[0] or any(mod == h or mod.startswith(h + ".")
+                                                        for h in self._head_names[1:]):
+                    where = "logits_and_loss"
+                else:
+                    where = "activations"
+                winfo._kp_where = where
+            return where
+
+        def _key(self, winfo, reftype=None) -> str:
+            rt = reftype if reftype is not None else winfo.reftype
+            if rt == _MemRefType.PARAM:
+                return "weights"
+            if rt == _MemRefType.BUFFER:
+                return "frozen_weights"
+            if rt == _MemRefType.GRAD:
+                return "gradients"
+            if rt == _MemRefType.OPT:
+                return "optimizer_states"
+            return self._where(winfo)
+
+        def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None):
+            super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+            c = self.comp
+            if u_type == _UpdateType.ADD:
+                k = self._key(winfo)
+                c[k] = c.get(k, 0) + winfo.mem_consumed
+            elif u_type == _UpdateType.DEL:
+                k = self._key(winfo)
+                c[k] = c.get(k, 0) - winfo.mem_consumed
+            elif u_type == _UpdateType.REF:
+                old, new = self._key(winfo, old_reftype), self._key(winfo)
+                c[old] = c.get(old, 0) - winfo.mem_consumed
+                c[new] = c.get(new, 0) + winfo.mem_consumed
+            elif u_type == _UpdateType.SIZE:
+                k = self._key(winfo)
+                c[k] = c.get(k, 0) + winfo.mem_consumed - old_mem_consumed
+
+        def _update_peak_stats(self, peak_state):
+            super()._update_peak_stats(peak_state)
+            total = sum(self.comp.values())
+            if total > self.peak_total:
+                self.peak_total = total
+                self.peak_comp = dict(self.comp)
+                self.peak_where = (self._cur_op, self._innermost(), bool(self._mod_tracker.is_bw))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self._cur_op = str(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    return _LoRAMemTracker
+
+
+@contextlib.contextmanager
+def _rounding(block: int):
+    """Round every tracked storage up to ``block`` bytes (MemTracker does so only for real CUDA devices)."""
+    import torch.distributed._tools.mem_tracker as mtm
+
+    original = mtm._WeakRefInfo._calculate_mem_consumed
+
+    def calc(self: Any) -> int:
+        return round_block(self.size * self.element_size, block)
+
+    mtm._WeakRefInfo._calculate_mem_consumed = calc
+    try:
+        yield
+    finally:
+        mtm._WeakRefInfo._calculate_mem_consumed = original
+
+
+def _head_module_names(model: Any) -> tuple[str, ...]:
+    """FQNs (ModTracker style) of the causal-LM module (where the loss is computed) and its output head."""
+    root = type(model).__name__
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base_name = next(n for n, m in model.named_modules() if m is base)
+    head = base.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    names = [f"{root}.{base_name}"]
+    if head_name:
+        names.append(f"{root}.{head_name}")
+    return tuple(names)
+
+
+def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEstimate:
+    """Peak bytes of one steady-state training step of ``shape`` on the model of ``config``, on fake tensors.
+
+    ``cuda=True``: CUDA kernel choices and 512-B rounding (the prediction of ``max_memory_allocated``);
+    ``cuda=False``: CPU semantics, unrounded (what a real CPU step allocates).
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .memory_emulation import cuda_like_kernels
+    from .meta_model import torch_dtype
+
+    t0 = time.perf_counter()
+    block = CUDA_BLOCK if cuda else 1
+    model = build_step_model(config, shape, "meta")
+    fm = FakeTensorMode()
+    quantized = fakeify(model, fm, shape.double_quant)
+    heads = _head_module_names(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora_bytes = sum(round_block(p.numel() * p.element_size(), block) for p in trainable)
+    notes: list[str] = []
+    resident_extra = {"frozen_weights": 0, "optimizer_states": 0}
+    if quantized:
+        import bitsandbytes as bnb
+
+        qs = 0
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                sizes = nf4_tensor_sizes(mod.out_features * mod.in_features, shape.double_quant)
+                qs += sum(round_block(v, block) for k, v in sizes.items() if k != "packed")
+        resident_extra["frozen_weights"] = qs
+        notes.append(f"NF4 quant-state tensors ({qs:,} B) added as resident bytes")
+    if shape.optimizer == "adamw_8bit":
+        resident_extra["optimizer_states"] = adamw8bit_state_bytes([p.numel() for p in trainable], block)
+        notes.append("8-bit AdamW states added in closed form (bitsandbytes blockwise, 256-element blocks)")
+    autocast = (torch.autocast("cpu", dtype=torch_dtype(shape.dtype)) if shape.dtype != "fp32"
+                else contextlib.nullcontext())
+
+    with contextlib.ExitStack() as stack:
+        if cuda:
+            stack.enter_context(cuda_like_kernels())
+        stack.enter_context(_rounding(block))
+        stack.enter_context(fm)
+        opt = make_optimizer(model, shape, cuda=cuda, traced=True)
+
+        def one_step() -> None:
+            ids = torch.zeros((shape.batch_size, shape.seq_len), dtype=torch.long)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one_step()  # warm-up: optimizer state exists afterwards (steady state), untracked
+            mt = _tracker_class()(heads)
+            mt.track_external(model, opt)
+            with mt:
+                one_step()
+    comp = {k: 0 for k in COMPONENTS}
+    for k, v in mt.peak_comp.items():
+        if k == "weights":
+            comp["lora_weights"] += lora_bytes
+            comp["frozen_weights"] += v - lora_bytes
+        else:
+            comp[k] = comp.get(k, 0) + v
+    for k, v in resident_extra.items():
+        comp[k] += v
+    op, mod, is_bw = mt.peak_where
+    phase = "backward" if is_bw else ("forward" if mod != "Global" else
+                                      ("optimizer" if "foreach" in op or "_fused" in op else "forward"))
+    short_mod = mod.split(".")[-1] if mod != "Global" else "outside modules"
+    return MemoryEstimate(predicted_peak_bytes=sum(comp.values()), components=comp, peak_phase=phase,
+                          peak_op=f"{op} in {short_mod}", method="trace", wall_s=time.perf_counter() - t0,
+                          shape=shape, semantics="cuda" if cuda else "cpu", notes=tuple(notes))
