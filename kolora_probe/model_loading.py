@@ -150,10 +150,8 @@ def verify_bin_weights_only(path: Path) -> None:
 
 def find_weights(source: ModelSource) -> tuple[str, tuple[Path, ...]]:
     """(format, files) of the model's weights, safetensors preferred; raises ModelLoadError when there are none."""
-    for index_name, single, fmt in ((SAFETENSORS_INDEX, SAFETENSORS, "safetensors"), (None, None, None),
+    for index_name, single, fmt in ((SAFETENSORS_INDEX, SAFETENSORS, "safetensors"),
                                     (BIN_INDEX, BIN, "bin-weights-only")):
-        if index_name is None:
-            continue
         single_path = fetch_file(source, single)
         if single_path is not None:
             return fmt, (single_path,)
@@ -182,7 +180,6 @@ def tied_groups(model) -> tuple[tuple[str, ...], ...]:
 
 def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> LoadedModel:
     """Resolve, verify and load ``model_id`` as a causal LM on CPU. Raises ModelNotFound / ModelLoadError."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from .meta_model import count_parameters, torch_dtype
@@ -215,7 +212,6 @@ def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> Lo
     total, trainable = count_parameters(model)
     tie = bool(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                        "tie_word_embeddings", False))
-    del torch
     return LoadedModel(
         model=model, source=source, config=config, weight_format=fmt, weight_files=files, load_seconds=seconds,
         total_params=total, trainable_params=trainable, tied=tied_groups(model), tie_expected=tie,

@@ -209,3 +209,17 @@ def test_suite_fails_weight_checks_on_broken_weights(tmp_path, model_zoo, varian
     assert not model_zoo.pickle_marker.exists() and not model_zoo.remote_code_marker.exists()
     if variant == "remote_code":
         assert "trust_remote_code" in run.outcome("test_weights_load")["message"]
+
+
+def test_sharded_safetensors_each_shard_checked(tmp_path, tiny, model_zoo):
+    d = tmp_path / "sharded"
+    tiny.model.save_pretrained(d, max_shard_size="300KB")
+    shutil.copy(model_zoo.tiny / "tokenizer.json", d)
+    shards = sorted(p.name for p in d.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (d / "model.safetensors.index.json").is_file()
+    loaded = load_model(str(d))
+    assert [f.name for f in loaded.weight_files] == shards and loaded.head_tied
+    last = d / shards[-1]
+    last.write_bytes(last.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=f"{shards[-1]} is truncated"):
+        load_model(str(d))
