@@ -157,3 +157,15 @@ def test_suite_without_tokenizer_fails_tokenizer_checks_only(tmp_path, model_zoo
             assert c["outcome"] == "failed" and c["message"].startswith("tokenizer could not be loaded: no tokenizer"), c
         else:
             assert c["outcome"] == "passed", c
+
+
+def test_auto_tokenizer_works_when_the_repo_has_tokenizer_config(tmp_path, model_zoo, fast, sample):
+    """Any HF model whose repo saves a full tokenizer (tokenizer_config.json) loads fine through AutoTokenizer."""
+    d = tmp_path / "full"
+    shutil.copytree(model_zoo.tiny, d)
+    fast.tokenizer.save_pretrained(d)
+    assert (d / "tokenizer_config.json").is_file()
+    auto = load_tokenizer(resolve_model_source(str(d)), "AutoTokenizer")
+    rt = round_trip(auto.tokenizer, sample.lines)
+    assert rt.mismatches == 0 and rt.unk_count == 0 and not mangles_hangul(rt)
+    assert auto.tokenizer.eos_token == "</s>" and auto.tokenizer.pad_token_id == 3
