@@ -1,0 +1,154 @@
+"""Does the plan's training step fit its GPU memory budget, and what batch size / sequence length would?
+
+:func:`estimate_for_plan` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares it with
+``[budget].gpu_memory_gib`` and searches the largest batch size at the plan's sequence length (and the largest
+sequence length at the plan's batch size, up to the model's position limit) that fit. The search uses the closed
+form (instant, monotonic in both); with ``method="trace"`` the found batch size is confirmed by a trace and lowered
+while the trace says it does not fit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from .memory_trace import MemoryEstimate, StepShape, TraceUnsupported
+
+METHODS = ("trace", "closed_form")
+MAX_SEARCH_BATCH = 1 << 16
+
+
+@dataclass(frozen=True)
+class BudgetVerdict:
+    estimate: MemoryEstimate
+    budget_bytes: int
+    fits: bool
+    max_batch_size: int          # at the plan's seq_len; 0 when not even batch 1 fits
+    max_seq_len: int             # at the plan's batch size; 0 when not even length 1 fits
+    seq_limit: int | None        # the model's position limit (n_positions / max_position_embeddings)
+    search_s: float
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.estimate.predicted_peak_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.predicted_peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.estimate.to_dict()
+        d.update({"budget_bytes": self.budget_bytes, "fits": self.fits, "max_batch_size": self.max_batch_size,
+                  "max_seq_len": self.max_seq_len, "seq_limit": self.seq_limit,
+                  "headroom_bytes": self.headroom_bytes, "search_s": round(self.search_s, 3)})
+        return d
+
+    def message(self) -> str:
+        """One line: the verdict with numbers, and the fix when it does not fit."""
+        gib = 2 ** 30
+        s = self.estimate.shape
+        head = (f"predicted peak {self.predicted_peak_bytes / gib:.2f} GiB ({self.estimate.method}) for batch "
+                f"{s.batch_size} × seq {s.seq_len} vs budget {self.budget_bytes / gib:.2f} GiB")
+        if self.fits:
+            return f"{head}: fits (largest batch that fits: {self.max_batch_size})"
+        if self.max_batch_size >= 1:
+            fix = (f"largest batch size that fits is {self.max_batch_size} at seq {s.seq_len}; set "
+                   f"[training].batch_size = {self.max_batch_size} (or --batch-size {self.max_batch_size})")
+        elif self.max_seq_len >= 1:
+            fix = f"not even batch 1 fits at seq {s.seq_len}; the longest sequence that fits at batch {s.batch_size} " \
+                  f"is {self.max_seq_len}"
+        else:
+            fix = "not even batch 1 fits; raise [budget].gpu_memory_gib or use 4-bit quantization / a smaller model"
+        return f"{head}: does NOT fit; {fix}"
+
+
+def seq_limit_of(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(text, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = None) -> MemoryEstimate:
+    """Predicted peak of one step; ``trace`` falls back to the closed form where it cannot run (8-bit)."""
+    from .memory_closed_form import closed_form, model_facts
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is invalid; expected one of {', '.join(METHODS)}")
+    if method == "trace":
+        from .memory_trace import trace_step
+
+        try:
+            return trace_step(config, shape)
+        except TraceUnsupported as exc:
+            est = closed_form(facts or model_facts(config, shape), shape)
+            return replace(est, notes=est.notes + (f"trace not possible ({exc}); closed form used",))
+    t0 = time.perf_counter()
+    est = closed_form(facts or model_facts(config, shape), shape)
+    return replace(est, wall_s=time.perf_counter() - t0)
+
+
+def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:
+    """Largest n in [1, hi_limit] with fits(n), assuming monotonic; 0 if none."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= hi_limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, hi_limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str = "trace",
+                   est: MemoryEstimate | None = None) -> BudgetVerdict:
+    """Fit yes/no for ``shape`` and the largest batch size / sequence length that fit ``budget_bytes``."""
+    from .memory_closed_form import closed_form, model_facts
+
+    facts = model_facts(config, shape)
+    est = est or estimate(config, shape, method, facts)
+    t0 = time.perf_counter()
+
+    def cf(b: int, s: int) -> int:
+        return closed_form(facts, shape.with_(batch_size=b, seq_len=s)).predicted_peak_bytes
+
+    max_b = _largest(lambda b: cf(b, shape.seq_len) <= budget_bytes, MAX_SEARCH_BATCH)
+    limit = seq_limit_of(config)
+    max_s = _largest(lambda s: cf(shape.batch_size, s) <= budget_bytes, limit or 1 << 20)
+    if est.method == "trace" and max_b >= 1:
+        from .memory_trace import trace_step
+
+        for _ in range(3):   # the closed form is within ~0.3 % of the trace; confirm the boundary
+            if max_b == shape.batch_size:
+                ok = est.predicted_peak_bytes <= budget_bytes
+            else:
+                ok = trace_step(config, shape.with_(batch_size=max_b)).predicted_peak_bytes <= budget_bytes
+            if ok or max_b == 1:
+                if not ok:
+                    max_b = 0
+                break
+            max_b -= 1
+    fits = est.predicted_peak_bytes <= budget_bytes
+    if fits and max_b < shape.batch_size:   # the trace says it fits where the closed form did not
+        max_b = shape.batch_size
+    return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
+
+
+def shape_and_config_for_plan(plan: Any) -> tuple[Any, StepShape]:
+    """(config, StepShape) of the plan; raises ModelNotFound / RemoteCodeRefused with their one-line messages."""
+    from .model_source import load_config, resolve_model_source
+
+    config = load_config(resolve_model_source(plan.model.id, plan.model.revision))
+    return config, StepShape.from_plan(plan)
+
+
+def verdict_for_plan(plan: Any, method: str = "trace") -> BudgetVerdict:
+    config, shape = shape_and_config_for_plan(plan)
+    return budget_verdict(config, shape, plan.budget_bytes, method)
