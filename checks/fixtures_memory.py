@@ -1,1 +1,41 @@
-"""Fixtures for the memory checks (a pytest plugin listed in conftest.pytest_plugins)."""
+"""Fixtures for the memory checks (a pytest plugin listed in conftest.pytest_plugins).
+
+Config only: the prediction needs the plan's ``config.json`` (``model_config`` from fixtures_structure), no weights.
+The verdict (trace of one step on fake tensors + largest batch that fits) is computed once per session; the
+measurement runs one real step on the CUDA device, once, and an OOM comes back as a result, never as an exception.
+"""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def memory_shape(plan):
+    from kolora_probe.memory_trace import StepShape
+
+    return StepShape.from_plan(plan)
+
+
+@pytest.fixture(scope="session")
+def memory_verdict(plan, model_config, memory_shape):
+    """Predicted peak of the plan's step (trace), fit vs budget, largest batch / sequence length that fit."""
+    from kolora_probe.cli_estimate import _check_targets
+    from kolora_probe.memory_budget import budget_verdict
+
+    problem = _check_targets(model_config, plan)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return budget_verdict(model_config, memory_shape, plan.budget_bytes, "trace")
+
+
+@pytest.fixture(scope="session")
+def memory_estimate(memory_verdict):
+    return memory_verdict.estimate
+
+
+@pytest.fixture(scope="session")
+def memory_measurement(cuda_device, model_config, memory_shape, memory_verdict):
+    """One real step of the plan on the GPU (after a warm-up step); OOM is recorded in the result."""
+    from kolora_probe.memory_measure import measure_step
+
+    return measure_step(model_config, memory_shape, str(cuda_device))

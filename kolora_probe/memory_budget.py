@@ -52,13 +52,14 @@ class BudgetVerdict:
         if self.fits:
             return f"{head}: fits (largest batch that fits: {self.max_batch_size})"
         if self.max_batch_size >= 1:
-            fix = (f"largest batch size that fits is {self.max_batch_size} at seq {s.seq_len}; set "
+            fix = (f"largest batch size that fits: {self.max_batch_size} at seq {s.seq_len}; set "
                    f"[training].batch_size = {self.max_batch_size} (or --batch-size {self.max_batch_size})")
         elif self.max_seq_len >= 1:
-            fix = f"not even batch 1 fits at seq {s.seq_len}; the longest sequence that fits at batch {s.batch_size} " \
-                  f"is {self.max_seq_len}"
+            fix = (f"largest batch size that fits: 0 at seq {s.seq_len} (not even 1); the longest sequence that "
+                   f"fits at batch {s.batch_size} is {self.max_seq_len}")
         else:
-            fix = "not even batch 1 fits; raise [budget].gpu_memory_gib or use 4-bit quantization / a smaller model"
+            fix = ("largest batch size that fits: 0 (not even batch 1 at seq 1); raise [budget].gpu_memory_gib "
+                   "or use 4-bit quantization")
         return f"{head}: does NOT fit; {fix}"
 
 
@@ -152,3 +153,42 @@ def shape_and_config_for_plan(plan: Any) -> tuple[Any, StepShape]:
 def verdict_for_plan(plan: Any, method: str = "trace") -> BudgetVerdict:
     config, shape = shape_and_config_for_plan(plan)
     return budget_verdict(config, shape, plan.budget_bytes, method)
+
+
+def breakdown_chart_png(est: MemoryEstimate, budget_bytes: int | None = None,
+                        measured_peak_bytes: int | None = None) -> bytes:
+    """A stacked bar of the predicted components (MiB), beside the measured peak when there is one, and the budget
+    as a line (matplotlib, Agg backend)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    mib = 2 ** 20
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    bottom = 0.0
+    colours = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999"]
+    for (name, b), c in zip(est.components.items(), colours):
+        if b <= 0:
+            continue
+        ax.bar(0, b / mib, bottom=bottom, color=c, label=f"{name} {b / mib:,.0f}")
+        bottom += b / mib
+    labels = [f"predicted\n({est.method})"]
+    if measured_peak_bytes is not None:
+        ax.bar(1, measured_peak_bytes / mib, color="#333333", label=f"measured {measured_peak_bytes / mib:,.0f}")
+        labels.append("measured\n(max_memory_allocated)")
+    if budget_bytes:
+        ax.axhline(budget_bytes / mib, color="red", linestyle="--", label=f"budget {budget_bytes / mib:,.0f}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("MiB")
+    s = est.shape
+    ax.set_title(f"peak memory: batch {s.batch_size} × seq {s.seq_len}, {s.dtype}, quant {s.quantization}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
