@@ -12,6 +12,15 @@ pytestmark = pytest.mark.cpu
 MAX_TOKENS_PER_CHAR = 1.5  # a tokenizer without Hangul merges needs ~2-3 byte tokens per syllable
 
 
+def test_korean_sample_loaded(korean_sample, evidence):
+    """The Korean sample (plan [checks].korean_sample or the packaged one) is read and is mostly Hangul."""
+    evidence("korean_sample", str(korean_sample.path))
+    evidence("sample_lines", len(korean_sample.lines))
+    evidence("sample_characters", korean_sample.characters)
+    evidence("sample_hangul_ratio", round(korean_sample.hangul_ratio, 4), expected=">= 0.3")
+    assert korean_sample.lines and korean_sample.hangul_ratio >= 0.3
+
+
 def test_tokenizer_class_is_plans(plan, loaded_tokenizer, evidence):
     """The tokenizer is an instance of the plan's [model].tokenizer_class."""
     import transformers

@@ -184,7 +184,7 @@ def test_suite_passes_on_the_tiny_model(tmp_path, model_zoo):
     run = run_suite(*SUITE, f"--model={model_zoo.tiny}", reports=tmp_path / "r")
     assert run.returncode == 0, run.output[-3000:]
     outcomes = run.outcomes()
-    assert len(outcomes) == 16 and set(outcomes.values()) == {"passed"}
+    assert len(outcomes) == 17 and set(outcomes.values()) == {"passed"}
     loss = {e["name"]: e for e in run.outcome("test_tokenizer_model_agreement")["evidence"]}
     assert loss["loss"]["actual"] < 0.6 * loss["ln_vocab"]["actual"]
     fmt = {e["name"]: e["actual"] for e in run.outcome("test_weights_format_is_safe")["evidence"]}

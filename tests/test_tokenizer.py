@@ -153,7 +153,8 @@ def test_suite_without_tokenizer_fails_tokenizer_checks_only(tmp_path, model_zoo
     assert run.returncode == 1
     for c in run.environment["checks"]:
         name = c["nodeid"].split("::")[1]
-        if c["nodeid"].startswith("checks/test_tokenizer.py") or name == "test_greedy_generation":
+        if (c["nodeid"].startswith("checks/test_tokenizer.py") and name != "test_korean_sample_loaded") \
+                or name == "test_greedy_generation":
             assert c["outcome"] == "failed" and c["message"].startswith("tokenizer could not be loaded: no tokenizer"), c
         else:
             assert c["outcome"] == "passed", c
@@ -169,3 +170,18 @@ def test_auto_tokenizer_works_when_the_repo_has_tokenizer_config(tmp_path, model
     rt = round_trip(auto.tokenizer, sample.lines)
     assert rt.mismatches == 0 and rt.unk_count == 0 and not mangles_hangul(rt)
     assert auto.tokenizer.eos_token == "</s>" and auto.tokenizer.pad_token_id == 3
+
+
+def test_suite_with_a_missing_korean_sample_fails_with_the_option(tmp_path, model_zoo):
+    default = (PACKAGED_SAMPLE.parents[2] / "plans" / "kogpt2-lora.toml").read_text(encoding="utf-8")
+    missing = tmp_path / "nope.txt"
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(default + f'\n[checks]\nkorean_sample = "{missing}"\n', encoding="utf-8")
+    run = run_suite("checks/test_tokenizer.py", f"--plan={plan_file}", f"--model={model_zoo.tiny}",
+                    reports=tmp_path / "r")
+    assert run.returncode == 1
+    for check in ("test_korean_sample_loaded", "test_korean_round_trip_lossless", "test_tokenizer_model_agreement"):
+        entry = run.outcome(check)
+        assert entry["outcome"] == "failed", entry
+        assert entry["message"].startswith(f"Korean sample unusable: [checks].korean_sample = '{missing}': file not found")
+    assert run.outcome("test_special_tokens_in_vocab")["outcome"] == "passed"
