@@ -271,6 +271,7 @@ def fakeify(model: Any, fm: Any, double_quant: bool = True) -> int:
     quantized weight elements.
     """
     import torch
+    from torch._subclasses.fake_tensor import FakeTensor
 
     quantized = 0
     try:
@@ -294,10 +295,11 @@ def fakeify(model: Any, fm: Any, double_quant: bool = True) -> int:
                     memo[id(p)] = torch.nn.Parameter(ft, requires_grad=p.requires_grad)
             mod._parameters[name] = memo[id(p)]
         for name, b in list(mod._buffers.items()):
-            if b is not None and b.device.type == "meta":
-                if id(b) not in memo:
-                    memo[id(b)] = conv.from_meta_and_device(fm, b, cpu)
-                mod._buffers[name] = memo[id(b)]
+            if b is None or isinstance(b, FakeTensor):
+                continue
+            if id(b) not in memo:   # real buffers (e.g. rotary inv_freq, computed at init) keep their values
+                memo[id(b)] = conv.from_meta_and_device(fm, b, cpu) if b.device.type == "meta" else fm.from_tensor(b)
+            mod._buffers[name] = memo[id(b)]
     return quantized
 
 
