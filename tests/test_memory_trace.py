@@ -1,0 +1,144 @@
+"""The fake-tensor trace: hand-derived byte counts, a real CPU step, NF4 storage, and scoped CUDA emulation.
+
+Full-size KoGPT-2 (config only): 125,164,032 parameters, V=51200, h=768, 12 layers. Expected values below are
+derived by hand from the shapes (not from the code under test).
+"""
+import math
+
+import pytest
+import torch
+
+from structure_configs import KO_D, KO_LAYERS, KO_VOCAB, kogpt2_config, llama_config
+
+from kolora_probe.memory_trace import StepShape, adamw8bit_state_bytes, nf4_bytes, nf4_tensor_sizes, trace_step
+
+KO_PARAMS = 125_164_032
+MIB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def ko():
+    return kogpt2_config()
+
+
+@pytest.fixture(scope="module")
+def fp32_b8(ko):
+    return trace_step(ko, StepShape(batch_size=8, seq_len=512, targets=("c_attn",), r=16))
+
+
+def test_resident_and_loss_bytes_by_hand(fp32_b8):
+    c = fp32_b8.components
+    # LoRA on 12 × c_attn (768 → 2304), r=16, fp32: A 16×768, B 2304×16 (both multiples of 512 B)
+    lora = KO_LAYERS * 16 * (KO_D + 3 * KO_D) * 4
+    assert lora == 2_359_296
+    assert c["lora_weights"] == lora
+    # AdamW exp_avg + exp_avg_sq, plus one 4-byte "step" scalar per tensor (24), each a 512-B block in the trace
+    # (torch keeps step on the CPU unless fused/capturable, so on a GPU these 12 KiB are not device memory)
+    assert c["optimizer_states"] == 2 * lora + 24 * 512
+    assert c["gradients"] == 0                                # freed by zero_grad(set_to_none=True) before the peak
+    # frozen weights: 125,164,032 fp32 params, each tensor rounded up to 512 B (≤ 150 tensors)
+    assert KO_PARAMS * 4 <= c["frozen_weights"] <= KO_PARAMS * 4 + 150 * 512
+    # the peak is the backward of log_softmax: three fp32 b·s·V tensors
+    three = 3 * 8 * 512 * KO_VOCAB * 4
+    assert three == 2400 * MIB
+    assert three <= c["logits_and_loss"] <= three + 4096      # + the scalar loss and its gradient (512-B blocks)
+    assert fp32_b8.peak_phase == "backward" and "log_softmax_backward" in fp32_b8.peak_op
+    assert sum(c.values()) == fp32_b8.predicted_peak_bytes
+    assert fp32_b8.method == "trace" and fp32_b8.semantics == "cuda"
+
+
+def test_checkpointing_keeps_one_input_per_layer(ko, fp32_b8):
+    gc = trace_step(ko, StepShape(batch_size=8, seq_len=512, targets=("c_attn",), gradient_checkpointing=True))
+    m = 8 * 512 * KO_D * 4   # one fp32 hidden-state tensor (12 MiB)
+    # 12 block inputs + ln_f input + the embedding output, its dropout mask (1 B/elem) + LayerNorm statistics
+    mask = 8 * 512 * KO_D
+    assert 14 * m + mask <= gc.components["activations"] <= 14 * m + mask + 1 * MIB
+    assert gc.components["activations"] < fp32_b8.components["activations"] / 10
+
+
+def test_head_only_lora_saves_no_layer_activations(ko):
+    e = trace_step(ko, StepShape(batch_size=8, seq_len=512, targets=("lm_head",)))
+    # nothing below lm_head needs a gradient: only the head's LoRA input is kept (< 16 MiB), the logits dominate
+    assert e.components["activations"] < 16 * MIB
+    assert e.components["lora_weights"] == 16 * (KO_D + KO_VOCAB) * 4   # 831,488 params in fp32
+
+
+def test_nf4_bytes_by_hand():
+    # c_attn weight 768×2304 = 1,769,472 elements, blocks of 64 → 27,648 absmax; nested blocks of 256 → 108
+    n = 768 * 2304
+    assert nf4_bytes(n, double_quant=False) == 884_736 + 27_648 * 4 + 64 == 995_392
+    assert nf4_bytes(n, double_quant=True) == 884_736 + 27_648 + 108 * 4 + 4 + 1024 + 64 == 913_908
+    # on CUDA each tensor is its own allocation rounded to 512 B
+    assert nf4_bytes(n, True, block=512) == 884_736 + 27_648 + 512 + 512 + 1024 + 512   # 27,648 = 54 × 512
+    # bitsandbytes 8-bit AdamW: uint8 states + fp32 absmax per 256 elements; small tensors stay fp32
+    assert adamw8bit_state_bytes([12_288, 100]) == 2 * (12_288 + 48 * 4) + 2 * 400
+
+
+def test_nf4_bytes_match_bitsandbytes():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(2304, 768, dtype=torch.bfloat16)
+    for dq in (False, True):
+        q, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+        sizes = {"packed": q.numel() * q.element_size(), "absmax": qs.absmax.numel() * qs.absmax.element_size(),
+                 "code": qs.code.numel() * qs.code.element_size()}
+        if dq:
+            sizes.update(offset=qs.offset.numel() * qs.offset.element_size(),
+                         absmax2=qs.state2.absmax.numel() * qs.state2.absmax.element_size(),
+                         code2=qs.state2.code.numel() * qs.state2.code.element_size())
+        assert sizes == nf4_tensor_sizes(w.numel(), dq)
+
+
+def test_qlora_frozen_weights_by_hand(ko):
+    e = trace_step(ko, StepShape(batch_size=1, seq_len=64, dtype="bf16", weights_dtype="bf16",
+                                 quantization="4bit", targets=("c_attn",)))
+    # 48 Conv1D layers become NF4 (double quant); wte/wpe/LayerNorms/biases stay bf16 (40,229,376 params)
+    per_layer = [768 * 2304, 768 * 768, 768 * 3072, 3072 * 768]
+    quantized = sum(per_layer) * KO_LAYERS
+    assert quantized == 84_934_656
+    nf4 = KO_LAYERS * sum(math.ceil(n / 2) + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 4 + 1024 + 64
+                          for n in per_layer)
+    rest = (KO_PARAMS - quantized) * 2
+    got = e.components["frozen_weights"]
+    assert nf4 + rest <= got <= (nf4 + rest) * 1.002, (got, nf4 + rest)   # + 512-B rounding of ~340 tensors
+
+
+@pytest.mark.parametrize("kw", [dict(targets=("c_attn",)),
+                                dict(targets=("c_attn", "c_proj", "c_fc"), gradient_checkpointing=True),
+                                dict(targets=("lm_head",))],
+                         ids=["c_attn", "all-ckpt", "lm_head"])
+def test_cpu_semantics_trace_equals_real_cpu_step(kw):
+    """Without CUDA emulation and rounding, the trace reproduces a real CPU step's profiler peak.
+
+    KoGPT-2 widths and vocabulary with 2 layers instead of 12 (a real 125M-parameter step per case would take
+    too long on this machine's 2 cores; the 12-layer comparison is in benchmarks/memory_grid.py)."""
+    from kolora_probe.memory_measure import measure_step
+
+    cfg = kogpt2_config()
+    cfg.n_layer = 2
+    shape = StepShape(batch_size=2, seq_len=64, **kw)
+    predicted = trace_step(cfg, shape, cuda=False).predicted_peak_bytes
+    measured = measure_step(cfg, shape, "cpu")
+    assert measured.ok and measured.method == "cpu_profiler"
+    assert abs(predicted - measured.peak_allocated_bytes) / measured.peak_allocated_bytes < 0.005, \
+        (predicted, measured.peak_allocated_bytes)
+
+
+def test_emulation_is_scoped_to_the_trace(ko):
+    """After a CUDA-emulated trace, real CPU SDPA and dropout behave as before (kernels unregistered)."""
+    trace_step(ko, StepShape(batch_size=1, seq_len=32, dtype="bf16"))
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.0, is_causal=True)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    x = torch.ones(1000)
+    y = torch.nn.functional.dropout(x, 0.5, training=True)
+    assert set(y.unique().tolist()) <= {0.0, 2.0}
+    import transformers.masking_utils as mu
+    assert mu.find_packed_sequence_indices.__module__ == "transformers.masking_utils"   # restored
+
+
+def test_llama_style_model_traces(ko):
+    e = trace_step(llama_config(), StepShape(batch_size=2, seq_len=32, targets=("q_proj", "v_proj")))
+    assert e.predicted_peak_bytes == sum(e.components.values()) > 0
+    # LoRA r=16 on 2 layers × (q 64→64, v 64→32): fp32 A and B
+    assert e.components["lora_weights"] == 2 * (16 * (64 + 64) + 16 * (64 + 32)) * 4
