@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from checks.failures import fail_check, is_check_failure
 from kolora_probe import __version__
 from kolora_probe.plan import Plan, PlanError
 from kolora_probe.plan_options import add_plan_options, overrides_from, plan_from_options
@@ -40,7 +41,6 @@ RESULTS_KEY = pytest.StashKey[dict]()
 EVIDENCE_KEY = pytest.StashKey[list]()
 EXTRAS_KEY = pytest.StashKey[list]()
 STARTED_KEY = pytest.StashKey[float]()
-NO_CUDA_KEY = pytest.StashKey[str]()
 CUDA_REASON_KEY = pytest.StashKey[object]()
 FAMILY_OF = {  # check module → requirement family shown in the summary
     "test_plan": "plan", "test_environment": "environment", "test_gpu": "gpu",
@@ -156,7 +156,7 @@ def plan(pytestconfig: pytest.Config) -> Plan:
     """The effective training plan (file + command-line overrides). Fails dependent checks if invalid."""
     errors = pytestconfig.stash[PLAN_ERROR_KEY]
     if errors:
-        pytest.fail("plan is invalid, so this check cannot run: " + " | ".join(errors), pytrace=False)
+        fail_check("plan is invalid, so this check cannot run: " + " | ".join(errors))
     return pytestconfig.stash[PLAN_KEY]
 
 
@@ -230,8 +230,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         return
     reason = _cuda_reason(item.config)
     if reason:
-        item.stash[NO_CUDA_KEY] = reason
-        pytest.fail(f"no usable CUDA GPU: {reason}", pytrace=False)
+        fail_check(f"no usable CUDA GPU: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -241,7 +240,7 @@ def cuda_device():
 
     reason = cuda_unavailable_reason()
     if reason:
-        pytest.fail(f"no usable CUDA GPU: {reason}", pytrace=False)
+        fail_check(f"no usable CUDA GPU: {reason}")
     import torch
 
     return torch.device("cuda", 0)
@@ -271,8 +270,8 @@ def _one_line(report: pytest.TestReport) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if report.when == "setup" and report.failed and NO_CUDA_KEY in item.stash:
-        report.when = "call"  # a missing GPU is the check's failure, not an error in the test's set-up
+    if report.when == "setup" and report.failed and is_check_failure(call.excinfo.value if call.excinfo else None):
+        report.when = "call"  # a missing GPU / model is the check's failure, not an error in the test's set-up
     _record(item, report)
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return

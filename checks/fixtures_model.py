@@ -15,27 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-
-FIXTURE_FAILURE = "kolora_model_fixture"
-
-
-def _fail(what: str, exc: Exception) -> None:
-    """Fail every check that needs this fixture with one line (marked so it is reported as the check's failure)."""
-    err = pytest.fail.Exception(f"{what}: {exc}", pytrace=False)
-    setattr(err, FIXTURE_FAILURE, True)
-    raise err
-
-
-@pytest.hookimpl(hookwrapper=True, trylast=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """Report a check whose model/tokenizer could not be loaded as FAILED with the reason, like a missing GPU.
-
-    ``trylast`` makes this the innermost wrapper, so conftest's report recording sees the changed phase."""
-    outcome = yield
-    report = outcome.get_result()
-    if call.when == "setup" and report.failed and call.excinfo is not None \
-            and getattr(call.excinfo.value, FIXTURE_FAILURE, False):
-        report.when = "call"
+from checks.failures import fail_check
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +25,7 @@ def model_source(plan):
     try:
         return resolve_model_source(plan.model.id, plan.model.revision)
     except ModelNotFound as exc:
-        _fail("model not found", exc)
+        fail_check("model not found", exc)
 
 
 def _device(config: pytest.Config) -> str:
@@ -65,7 +45,7 @@ def loaded_model(plan, model_source, pytestconfig):
     try:
         loaded = load_model(plan.model.id, plan.model.revision, dtype=plan.training.weights_dtype)
     except (ModelLoadError, ModelNotFound) as exc:
-        _fail("model weights could not be loaded", exc)
+        fail_check("model weights could not be loaded", exc)
     device = _device(pytestconfig)
     if device != "cpu":
         loaded.model.to(device)
@@ -79,7 +59,7 @@ def loaded_tokenizer(plan, model_source):
     try:
         return load_tokenizer(model_source, plan.model.tokenizer_class, plan.model.special_tokens)
     except TokenizerLoadError as exc:
-        _fail("tokenizer could not be loaded", exc)
+        fail_check("tokenizer could not be loaded", exc)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +74,7 @@ def korean_sample(plan):
     try:
         return load_korean_sample(plan.checks.korean_sample)
     except KoreanSampleError as exc:
-        _fail("Korean sample unusable", exc)
+        fail_check("Korean sample unusable", exc)
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +96,7 @@ def lm_agreement_result(plan, loaded_model, tokenizer, korean_texts):
     try:
         return lm_agreement(loaded_model.model, tokenizer, korean_texts, plan.checks.max_loss_fraction)
     except AgreementError as exc:
-        _fail("tokenizer and model disagree", exc)
+        fail_check("tokenizer and model disagree", exc)
 
 
 @pytest.fixture(scope="session")
@@ -128,4 +108,4 @@ def generation_result(loaded_model, tokenizer):
     except ValueError as exc:
         from kolora_probe.tokenizer_checks import FIX
 
-        _fail("generation could not start", ValueError(f"{exc}; fix: {FIX}"))
+        fail_check("generation could not start", ValueError(f"{exc}; fix: {FIX}"))

@@ -10,16 +10,18 @@ import html
 
 import pytest
 
+from checks.failures import fail_check
+
 
 @pytest.fixture(scope="session")
-def model_config(plan):
+def model_config(model_source):
     """The plan's model config (``config.json`` from a local dir, the HF cache or the hub)."""
-    from kolora_probe.model_source import ModelNotFound, RemoteCodeRefused, load_config, resolve_model_source
+    from kolora_probe.model_source import RemoteCodeRefused, load_config
 
     try:
-        return load_config(resolve_model_source(plan.model.id, plan.model.revision))
-    except (ModelNotFound, RemoteCodeRefused) as exc:
-        pytest.fail(str(exc), pytrace=False)
+        return load_config(model_source)
+    except RemoteCodeRefused as exc:
+        fail_check("model config refused", exc)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,7 @@ def lora_count(plan, structure_model, structure_report):
     try:
         return count_for_plan(plan, model=structure_model, report=structure_report)
     except TargetError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        fail_check("LoRA targets do not fit the model", exc)
 
 
 def html_table(headers: list[str], rows: list[list]) -> str:
