@@ -87,7 +87,7 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
 
     from .memory_trace import build_step_model
 
-    model = build_step_model(config, shape, "meta")
+    model = build_step_model(config, shape, "meta", unquantized_8bit=True)
     base = model.get_base_model()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -109,6 +109,25 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
     if shape.quantization == "4bit":
         import bitsandbytes as bnb
         lin4 = (bnb.nn.Linear4bit,)
+    if shape.quantization == "8bit":
+        # LLM.int8 (bitsandbytes Linear8bitLt): int8 weight + one fp32 scale per output row (SCB); transformers
+        # converts the same Linear/Conv1D layers as for 4-bit (get_keys_to_not_convert keeps the head)
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        import torch
+
+        skip = get_keys_to_not_convert(base)
+        for name, mod in base.named_modules():
+            if not isinstance(mod, (torch.nn.Linear, Conv1D)) or any(
+                    name == k or name.startswith(k + ".") or name.endswith("." + k) for k in skip):
+                continue
+            if ".lora_" in name or name.endswith(("lora_A", "lora_B")) or mod.weight.requires_grad:
+                continue
+            w = mod.weight
+            out_f = w.shape[1] if isinstance(mod, Conv1D) else w.shape[0]
+            quant_bytes += round_block(w.numel()) + round_block(4 * out_f)
+            seen.add(id(w))
     for mod in model.modules():
         if lin4 and isinstance(mod, lin4):
             n = mod.in_features * mod.out_features
@@ -163,7 +182,7 @@ def _dtypes(f: ModelFacts, s: StepShape) -> tuple[int, int, int, bool]:
     ew = _BYTES[s.weights_dtype]
     autocast = s.dtype != "fp32"
     ec = _BYTES[s.dtype] if autocast else ew
-    res = 4 if autocast and (ew == 4 or s.quantization == "4bit") else ew
+    res = 4 if autocast and (ew == 4 or s.quantization != "none") else ew
     return ew, ec, res, autocast
 
 
@@ -174,7 +193,7 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
     h, r = f.hidden, s.r
     m = T * h
     ew, ec, res, autocast = _dtypes(f, s)
-    quant = s.quantization == "4bit"
+    quant = s.quantization != "none"                # 8-bit is assumed to behave like 4-bit here (approximate)
     drop = s.lora_dropout > 0
     kvh = f.kv_heads * (h // f.heads)
     lo = ec if autocast else 4                       # dtype lora_A sees: PEFT casts its input to the fp32 LoRA

@@ -179,10 +179,11 @@ def _quantize_4bit_meta(model: Any, shape: StepShape) -> Any:
     return model
 
 
-def build_step_model(config: Any, shape: StepShape, device: str = "meta") -> Any:
+def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquantized_8bit: bool = False) -> Any:
     """The plan's causal LM with PEFT LoRA, on ``device`` ("meta" for tracing, "cpu"/"cuda" to measure).
 
     On a real device the weights are random (initialised by transformers), which is all memory needs.
+    ``unquantized_8bit=True`` builds an 8-bit plan's model with unquantized layers (for the closed form's counts).
     """
     import torch
     from peft import get_peft_model
@@ -191,7 +192,7 @@ def build_step_model(config: Any, shape: StepShape, device: str = "meta") -> Any
 
     config = copy.deepcopy(config)
     config.use_cache = shape.use_cache
-    if shape.quantization == "8bit":
+    if shape.quantization == "8bit" and not unquantized_8bit:
         raise TraceUnsupported("8-bit (LLM.int8) frozen weights cannot be built without a CUDA GPU; "
                                "use the closed form (--method closed-form)")
     if device == "meta":
