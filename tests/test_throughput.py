@@ -224,3 +224,27 @@ def test_lora_training_step_trains_adapters_only_and_leaves_the_shared_model_alo
     assert not any("lora" in n for n, _ in base.named_modules())
     logits = forward_pass(base, batch)
     assert logits.shape == (2, 6, 16) and bool(logits.isfinite().all())
+
+
+def test_benchmark_checks_end_to_end_on_the_tiny_model(model_zoo, tmp_path):
+    """``pytest -m benchmark`` on the tiny KoGPT-2 stand-in: all three benchmark checks pass and their results
+    land in reports/benchmarks.json, reports/pytest-benchmark.json and the checks' evidence."""
+    import json
+
+    from suite_runner import run_suite
+
+    reports = tmp_path / "reports"
+    run = run_suite("-m", "benchmark", "--model", str(model_zoo.tiny), "--seq-len", "32", "--batch-size", "2",
+                    "checks/test_benchmarks.py", reports=reports, timeout=300)
+    outcomes = run.outcomes()
+    assert len(outcomes) == 3 and set(outcomes.values()) == {"passed"}, run.output[-3000:]
+    results = json.loads((reports / "benchmarks.json").read_text())["results"]
+    by_name = {k.split("::")[1]: v for k, v in results.items()}
+    assert by_name["test_korean_tokenization_throughput"]["tokenization_chars_per_s"] > 0
+    assert by_name["test_forward_latency"]["forward_shape"].startswith("2x32 ")
+    train = by_name["test_lora_training_step"]
+    assert train["train_tokens_per_s"] > 0 and len(train["train_losses"]) >= 2
+    raw = json.loads((reports / "pytest-benchmark.json").read_text())
+    assert {b["name"] for b in raw["benchmarks"]} == set(by_name)
+    evidence = {e["name"] for e in run.outcome("test_lora_training_step")["evidence"]}
+    assert {"train_tokens_per_s", "train_step_ms", "train_mfu"} <= evidence
