@@ -19,10 +19,9 @@ def memory_shape(plan):
 @pytest.fixture(scope="session")
 def memory_verdict(plan, model_config, memory_shape):
     """Predicted peak of the plan's step (trace), fit vs budget, largest batch / sequence length that fit."""
-    from kolora_probe.cli_estimate import _check_targets
-    from kolora_probe.memory_budget import budget_verdict
+    from kolora_probe.memory_budget import budget_verdict, check_targets
 
-    problem = _check_targets(model_config, plan)
+    problem = check_targets(model_config, plan)
     if problem:
         pytest.fail(problem, pytrace=False)
     return budget_verdict(model_config, memory_shape, plan.budget_bytes, "trace")

@@ -25,18 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _check_targets(config, plan) -> str | None:
-    from .lora_count import TargetError, resolve_targets
-    from .meta_model import build_meta_model
-    from .structure import analyze_model
-
-    try:
-        resolve_targets(analyze_model(build_meta_model(config)), plan.lora.target_modules, plan.lora.modules_to_save)
-    except TargetError as exc:
-        return str(exc)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
@@ -48,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(source)
     except (ModelNotFound, RemoteCodeRefused) as exc:
         return fail("estimate", str(exc))
-    problem = _check_targets(config, plan)
+    from .memory_budget import check_targets
+
+    problem = check_targets(config, plan)
     if problem:
         return fail("estimate", problem)
     from .memory_budget import budget_verdict

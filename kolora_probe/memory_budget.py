@@ -142,6 +142,19 @@ def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str
     return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
 
 
+def check_targets(config: Any, plan: Any) -> str | None:
+    """The one-line problem with the plan's LoRA targets on this model (PEFT-style matching), or None."""
+    from .lora_count import TargetError, resolve_targets
+    from .meta_model import build_meta_model
+    from .structure import analyze_model
+
+    try:
+        resolve_targets(analyze_model(build_meta_model(config)), plan.lora.target_modules, plan.lora.modules_to_save)
+    except TargetError as exc:
+        return str(exc)
+    return None
+
+
 def shape_and_config_for_plan(plan: Any) -> tuple[Any, StepShape]:
     """(config, StepShape) of the plan; raises ModelNotFound / RemoteCodeRefused with their one-line messages."""
     from .model_source import load_config, resolve_model_source

@@ -163,14 +163,14 @@ def measure_callable(step: Callable[[], Any], device: str, baseline: Callable[[]
 
 def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
     """QLoRA model on CUDA: meta model → bnb Linear4bit layers with random weights quantized on ``.to(device)``."""
-    import torch
+    import copy
+
     import bitsandbytes as bnb
+    import torch
     from peft import get_peft_model
 
     from .memory_trace import _enable_checkpointing, _quantize_4bit_meta, _targets_conv1d, lora_config
     from .meta_model import build_meta_model, torch_dtype
-
-    import copy
 
     config = copy.deepcopy(config)
     config.use_cache = shape.use_cache
