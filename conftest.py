@@ -263,7 +263,7 @@ def _one_line(report: pytest.TestReport) -> str:
     if isinstance(report.longrepr, tuple):  # skipped: (path, lineno, reason)
         msg = str(report.longrepr[2])
     first = msg.strip().splitlines()[0] if msg.strip() else ""
-    return first.removeprefix("Failed: ")
+    return first.removeprefix("Failed: ").removeprefix("AssertionError: ")
 
 
 @pytest.hookimpl(hookwrapper=True)

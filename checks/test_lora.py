@@ -41,9 +41,11 @@ def test_trainable_params_as_planned(plan, lora_count, evidence):
     if expected is None:
         pytest.skip(f"plan sets no [lora].expected_trainable_params; the count is {c.trainable_params:,} — "
                     f"set it to pin the count")
+    partial = [f.message for f in c.findings if f.code == "partial_kind"]
     assert c.trainable_params == expected, (
         f"trainable parameters {c.trainable_params:,} != expected {expected:,} for targets {list(c.targets)} "
-        f"r={c.r}; fix [lora].expected_trainable_params (--expected-trainable) or [lora].target_modules/r")
+        f"r={c.r}; fix [lora].expected_trainable_params (--expected-trainable) or [lora].target_modules/r"
+        + ("; note: " + "; ".join(partial) if partial else ""))
 
 
 def test_trainable_percent(plan, lora_count, evidence):

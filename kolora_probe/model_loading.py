@@ -85,7 +85,7 @@ def fetch_file(source: ModelSource, filename: str) -> Path | None:
 def check_safetensors(path: Path) -> SafetensorsInfo:
     """Parse a safetensors header and check each tensor's byte range against its dtype/shape and the file size."""
     size = path.stat().st_size
-    fix = f"re-download or re-save it (save_pretrained) — the file {path} is incomplete or corrupt"
+    fix = f"the file {path} is incomplete or corrupt; fix: re-download it or re-save it with save_pretrained()"
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -127,7 +127,7 @@ def _shards(index: Path) -> list[str]:
         data = json.loads(index.read_text(encoding="utf-8"))
         return sorted(set(data["weight_map"].values()))
     except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelLoadError(f"{index}: unreadable shard index ({exc}); re-download or re-save the model") from None
+        raise ModelLoadError(f"{index}: unreadable shard index ({exc}); fix: re-download or re-save the model") from None
 
 
 def verify_bin_weights_only(path: Path) -> None:
@@ -145,7 +145,7 @@ def verify_bin_weights_only(path: Path) -> None:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", (specific or lines or [type(exc).__name__])[0]).split(". Please")[0]
         raise ModelLoadError(
             f"{path.name} refused: it is not a plain weights pickle (torch.load weights_only=True: {reason[:200]}); "
-            f"kolora-probe never unpickles arbitrary objects — use a model.safetensors copy of this model") from None
+            f"kolora-probe never unpickles arbitrary objects; fix: use a model.safetensors copy of this model") from None
 
 
 def find_weights(source: ModelSource) -> tuple[str, tuple[Path, ...]]:
@@ -206,7 +206,7 @@ def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> Lo
     except Exception as exc:  # noqa: BLE001 - reported as one line, never hidden
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelLoadError(f"loading {files[0].name} from {source.path} failed: {type(exc).__name__}: "
-                             f"{msg[:240]}; re-download or re-save the model") from None
+                             f"{msg[:240]}; fix: re-download or re-save the model") from None
     seconds = time.perf_counter() - t0
     model.eval()
     total, trainable = count_parameters(model)

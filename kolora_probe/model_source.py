@@ -51,7 +51,7 @@ def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
         if (local / "config.json").is_file():
             return ModelSource(model_id, "local", local.resolve(), revision, (f"local directory {local}: found",))
         raise ModelNotFound(
-            f"model directory {local} has no config.json; point --model (or [model].id in the plan) at a directory "
+            f"model directory {local} has no config.json; fix: point --model (or [model].id in the plan) at a directory "
             f"written by save_pretrained(), or add its config.json")
     attempts.append(f"local directory {local}: does not exist")
     if not _looks_like_repo_id(model_id):

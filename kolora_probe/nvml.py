@@ -1,7 +1,7 @@
 """GPU facts from NVML (``nvidia-ml-py``, ``import pynvml``): driver, devices, memory, utilisation.
 
 :func:`read_nvml` never raises: a missing library, driver or device becomes ``NvmlFacts.error``.
-Sampling for the monitor goes through :class:`NvmlSource`, which the monitor can replace with a fake.
+Sampling for the monitor goes through ``kolora_probe.monitor.NvmlSource``, which tests replace with a fake source.
 """
 from __future__ import annotations
 

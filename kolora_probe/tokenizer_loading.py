@@ -41,7 +41,7 @@ def load_tokenizer(source: ModelSource, tokenizer_class: str = "AutoTokenizer",
     where = f"{source.model_id} ({source.path})"
     if not files:
         raise TokenizerLoadError(
-            f"no tokenizer files in {where} (looked for {', '.join(TOKENIZER_FILES[:4])} …); copy the model's "
+            f"no tokenizer files in {where} (looked for {', '.join(TOKENIZER_FILES[:4])} …); fix: copy the model's "
             f"tokenizer.json next to its config.json (tokenizer.save_pretrained(DIR))")
     cls = getattr(transformers, tokenizer_class, None)
     if cls is None:

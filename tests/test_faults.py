@@ -150,3 +150,97 @@ def test_secrets_are_redacted_and_html_is_escaped(tmp_path):
     assert "<script>alert(1)</script>" not in html
     assert "***REDACTED***" in json.dumps(run.environment)
     assert run.returncode == 0, run.output
+
+
+# --- the whole CPU gate on the tiny KoGPT-2-shaped model and its broken variants --------------------
+# LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600): 16 * (64 + 1600) = 26,624 trainable.
+TINY_LM_HEAD_R16 = 16 * (64 + 1600)
+
+
+def run_gate(model_dir, reports, *extra: str, env: dict | None = None) -> SuiteRun:
+    return run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}", *extra,
+                     reports=reports, env=env)
+
+
+@pytest.fixture(scope="module")
+def baseline(model_zoo, tmp_path_factory):
+    run = run_gate(model_zoo.tiny, tmp_path_factory.mktemp("baseline"))
+    assert run.returncode == 0, run.output
+    return run
+
+
+def assert_isolated_failure(run: SuiteRun, baseline: SuiteRun, primary: str, fragment: str,
+                            allowed_families: set[str]) -> None:
+    """Exit non-zero; ``primary`` failed with ``fragment`` in one line; only ``allowed_families`` failed;
+    every check of the clean run still ran; the three reports parse."""
+    assert run.returncode == 1, run.output
+    check = run.outcome(primary)
+    assert check["outcome"] == "failed", check
+    assert fragment in check["message"] and "\n" not in check["message"], check["message"]
+    assert "fix" in check["message"].lower() or "expected" in check["message"], check["message"]
+    failed = [c for c in run.environment["checks"] if c["outcome"] != "passed"]
+    assert {c["family"] for c in failed} <= allowed_families, [(c["nodeid"], c["message"]) for c in failed]
+    assert set(baseline.outcomes()) <= set(run.outcomes())     # nothing was skipped or lost
+    assert run.outcome("test_dependency_graph_consistent")["outcome"] == "passed"
+    assert_reports_valid(run)
+
+
+MODEL_FAMILIES = {"model", "tokenizer", "structure", "lora", "memory", "plan"}
+
+
+def test_case1_model_id_not_found_offline(baseline, tmp_path):
+    run = run_suite("checks", "--model=kolora-test/no-such-model-anywhere", reports=tmp_path,
+                    env={"HF_HOME": str(tmp_path / "empty-hf-home")})
+    assert_isolated_failure(run, baseline, "test_model.py::", "not found; tried local directory",
+                            MODEL_FAMILIES)
+    msg = run.outcome("test_model.py::")["message"]
+    assert "HF cache" in msg and "hub: skipped (HF_HUB_OFFLINE is set)" in msg and "--model DIR" in msg
+
+
+def test_case2_truncated_safetensors(model_zoo, baseline, tmp_path):
+    run = run_gate(model_zoo.truncated, tmp_path)
+    assert_isolated_failure(run, baseline, "test_model.py::test_weights_load", "model.safetensors is truncated",
+                            {"model", "tokenizer"})
+    # config-only checks are unaffected by broken weights
+    assert run.outcome("test_lora.py::test_trainable_params_as_planned")["outcome"] == "passed"
+
+
+def test_case2_config_json_missing(model_zoo, baseline, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-config"
+    shutil.copytree(model_zoo.tiny, broken)
+    (broken / "config.json").unlink()
+    run = run_gate(broken, tmp_path / "r")
+    assert_isolated_failure(run, baseline, "test_model.py::", "has no config.json", MODEL_FAMILIES)
+
+
+def test_case2_no_tokenizer_files(model_zoo, baseline, tmp_path):
+    run = run_gate(model_zoo.no_tokenizer, tmp_path)
+    assert_isolated_failure(run, baseline, "test_tokenizer.py::test_special_tokens_in_vocab", "tokenizer",
+                            {"tokenizer", "model"})
+    assert run.outcome("test_model.py::test_weights_load")["outcome"] == "passed"
+
+
+@pytest.mark.parametrize("targets, expected, primary, fragment, families", [
+    ("c_atn", None, "test_every_target_matches", "matches no module; close names: c_attn", {"lora", "memory"}),
+    ("attn.c_proj", 2 * 16 * (64 + 64) + 2 * 16 * (256 + 64), "test_trainable_params_as_planned",
+     "matches 2 of 4 layers named 'c_proj'", {"lora"}),
+    ("", None, "test_plan_is_valid", "--targets [] is invalid; expected a non-empty list", MODEL_FAMILIES),
+])
+def test_case4_bad_target_modules(model_zoo, baseline, tmp_path, targets, expected, primary, fragment, families):
+    extra = [f"--targets={targets}"] + ([f"--expected-trainable={expected}"] if expected else [])
+    run = run_suite("checks", f"--model={model_zoo.tiny}", *extra, reports=tmp_path)
+    assert_isolated_failure(run, baseline, primary, fragment, families)
+
+
+def test_case9_malicious_pickle_never_executed(model_zoo, baseline, tmp_path):
+    run = run_gate(model_zoo.pickle_bin, tmp_path)
+    assert_isolated_failure(run, baseline, "test_model.py::test_weights_load", "refused", {"model", "tokenizer"})
+    assert not model_zoo.pickle_marker.exists()
+
+
+def test_case9_remote_code_refused(model_zoo, baseline, tmp_path):
+    run = run_gate(model_zoo.remote_code, tmp_path)
+    assert_isolated_failure(run, baseline, "test_model.py::test_weights_load", "trust_remote_code", MODEL_FAMILIES)
+    assert not model_zoo.remote_code_marker.exists()
