@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from checks.failures import fail_check
+
 
 @pytest.fixture(scope="session")
 def memory_shape(plan):
@@ -23,7 +25,7 @@ def memory_verdict(plan, model_config, memory_shape):
 
     problem = check_targets(model_config, plan)
     if problem:
-        pytest.fail(problem, pytrace=False)
+        fail_check(problem)
     return budget_verdict(model_config, memory_shape, plan.budget_bytes, "trace")
 
 
