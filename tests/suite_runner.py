@@ -46,3 +46,10 @@ def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, time
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--reports-dir={reports}",
                            *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
+
+
+def documented(fragment: str) -> None:
+    """The README's "When a check fails" table lists this message fragment, so the section stays true."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## When a check fails", 1)[1].split("\n## ", 1)[0]
+    assert f"| `{fragment}` |" in section, f"README 'When a check fails' does not list {fragment!r}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from suite_runner import run_suite
+from suite_runner import documented, run_suite
 
 CPU_CHECKS = ("checks/test_plan.py", "checks/test_environment.py")
 
@@ -79,6 +79,7 @@ def test_requirement_pinning_an_uninstalled_version_fails_only_that_check(tmp_pa
     assert run.outcome("test_requirement_installed[packaging]")["outcome"] == "passed"
     pinned = run.outcome("test_requirement_installed[pytest]")
     assert pinned["outcome"] == "failed"
+    documented("is required but")
     assert "pytest==0.0.1 is required but pytest" in pinned["message"] and "fix: pip install" in pinned["message"]
     assert run.outcome("test_requirement_installed[kolora-absent-package]")["outcome"] == "failed"
     assert run.outcome("test_torch_build")["outcome"] == "passed"
