@@ -52,13 +52,14 @@ class BudgetVerdict:
         if self.fits:
             return f"{head}: fits (largest batch that fits: {self.max_batch_size})"
         if self.max_batch_size >= 1:
-            fix = (f"largest batch size that fits: {self.max_batch_size} at seq {s.seq_len}; set "
+            fix = (f"largest batch size that fits: {self.max_batch_size} at seq {s.seq_len}; fix: set "
                    f"[training].batch_size = {self.max_batch_size} (or --batch-size {self.max_batch_size})")
         elif self.max_seq_len >= 1:
             fix = (f"largest batch size that fits: 0 at seq {s.seq_len} (not even 1); the longest sequence that "
-                   f"fits at batch {s.batch_size} is {self.max_seq_len}")
+                   f"fits at batch {s.batch_size} is {self.max_seq_len}; fix: set [training].seq_len = {self.max_seq_len} "
+                   f"or raise [budget].gpu_memory_gib")
         else:
-            fix = ("largest batch size that fits: 0 (not even batch 1 at seq 1); raise [budget].gpu_memory_gib "
+            fix = ("largest batch size that fits: 0 (not even batch 1 at seq 1); fix: raise [budget].gpu_memory_gib "
                    "or use 4-bit quantization")
         return f"{head}: does NOT fit; {fix}"
 

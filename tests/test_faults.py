@@ -263,3 +263,17 @@ def test_case2_tokenizer_class_that_mangles_hangul(model_zoo, baseline, tmp_path
     assert_isolated_failure(run, baseline, "test_tokenizer.py::test_korean_hangul_preserved", "loses Hangul",
                             {"tokenizer", "model"})
     assert 'tokenizer_class = "PreTrainedTokenizerFast"' in run.outcome("test_korean_hangul_preserved")["message"]
+
+
+# --- case 7: the plan does not fit (the measured-step OOM itself needs CUDA: tests/test_memory_budget.py
+# simulates it with a raised torch.cuda.OutOfMemoryError and checks it is caught, reported and released) ------
+def test_case7_budget_too_small_names_the_batch_that_fits(model_zoo, baseline, tmp_path):
+    run = run_gate(model_zoo.tiny, tmp_path, "--budget-gib=0.03")
+    assert_isolated_failure(run, baseline, "test_memory_budget.py::test_predicted_peak_fits_budget",
+                            "does NOT fit; largest batch size that fits:", {"memory"})
+    msg = run.outcome("test_predicted_peak_fits_budget")["message"]
+    import re
+
+    fits = int(re.search(r"largest batch size that fits: (\d+)", msg).group(1))
+    assert 1 <= fits < 8 and f"fix: set [training].batch_size = {fits}" in msg
+    documented("ran out of GPU memory")
