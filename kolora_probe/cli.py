@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from .model_source import ModelNotFound, RemoteCodeRefused
 from .plan import PlanError
 
 SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor")
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         for line in exc.lines:
             print(f"kolora-probe {args.command}: plan error: {line}", file=sys.stderr)
+        return 2
+    except (ModelNotFound, RemoteCodeRefused) as exc:
+        print(f"kolora-probe {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kolora-probe {args.command}: interrupted", file=sys.stderr)

@@ -56,7 +56,7 @@ def fail(command: str, message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_source import ModelNotFound, RemoteCodeRefused, load_config, resolve_model_source
+    from .model_source import resolve_config
 
     model_id = args.model
     if model_id is None:
@@ -65,11 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model_id = default_plan().model.id
     if args.r < 1:
         return fail("analyze", f"--r {args.r} is invalid; expected an integer >= 1")
-    try:
-        source = resolve_model_source(model_id, args.revision)
-        config = load_config(source)
-    except (ModelNotFound, RemoteCodeRefused) as exc:
-        return fail("analyze", str(exc))
+    source, config = resolve_config(model_id, args.revision)  # errors: one line, exit 2 (cli.py)
     from .lora_count import count_lora
     from .meta_model import build_meta_model
     from .structure import analyze_model

@@ -32,13 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
     plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
-    from .model_source import ModelNotFound, RemoteCodeRefused, load_config, resolve_model_source
+    from .model_source import resolve_config
 
-    try:
-        source = resolve_model_source(plan.model.id, plan.model.revision)
-        config = load_config(source)
-    except (ModelNotFound, RemoteCodeRefused) as exc:
-        return fail("lora", str(exc))
+    source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)
     from .lora_count import TargetError, count_lora
     from .meta_model import build_meta_model
 

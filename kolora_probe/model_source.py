@@ -102,3 +102,9 @@ def load_config(source: ModelSource):
             raise RemoteCodeRefused(f"{source.model_id}: needs trust_remote_code=True, which kolora-probe refuses "
                                     f"({str(exc).splitlines()[0][:200]})") from None
         raise
+
+
+def resolve_config(model_id: str, revision: str = "main"):
+    """(ModelSource, PretrainedConfig) for ``model_id``. Raises ModelNotFound or RemoteCodeRefused (one line)."""
+    source = resolve_model_source(model_id, revision)
+    return source, load_config(source)
