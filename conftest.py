@@ -234,11 +234,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session")
-def cuda_device():
+def cuda_device(pytestconfig: pytest.Config):
     """The CUDA device for ``gpu`` checks. Without a usable one the check FAILS with the reason (never skips)."""
-    from kolora_probe.environment import cuda_unavailable_reason
-
-    reason = cuda_unavailable_reason()
+    reason = _cuda_reason(pytestconfig)
     if reason:
         fail_check(f"no usable CUDA GPU: {reason}")
     import torch
