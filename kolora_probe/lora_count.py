@@ -18,10 +18,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .lora_config import ALL_LINEAR
 from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
 
 FIX = "fix [lora].target_modules or --targets"
-ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
 PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 LORA_ADAPTER_BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 (autocast_adapter_dtype=True)
 
@@ -329,14 +329,14 @@ def _fresh_meta(model: Any) -> Any:
 
 def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: str = "none",
                modules_to_save: Sequence[str] = (), conv1d: bool = False) -> tuple[int, int, tuple[str, ...]]:
-    """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place."""
-    from peft import LoraConfig, get_peft_model
+    """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place.
 
-    shorthand = len(targets) == 1 and targets[0].lower() == ALL_LINEAR
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias=bias,
-                        target_modules=ALL_LINEAR if shorthand else list(targets),
-                        modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
-                        fan_in_fan_out=conv1d)
+    Dropout is 0: it adds no parameters, so the count does not depend on it."""
+    from peft import get_peft_model
+
+    from .lora_config import peft_lora_config
+
+    config = peft_lora_config(targets, r, alpha, 0.0, bias, modules_to_save, fan_in_fan_out=conv1d)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = get_peft_model(model, config)

@@ -138,13 +138,10 @@ def adamw8bit_state_bytes(numels: list[int], block: int = 1) -> int:
 
 # --- the model of the plan --------------------------------------------------------------------------------
 def lora_config(shape: StepShape, conv1d: bool) -> Any:
-    from peft import LoraConfig
+    from .lora_config import peft_lora_config
 
-    shorthand = len(shape.targets) == 1 and shape.targets[0].lower() == "all-linear"
-    return LoraConfig(r=shape.r, lora_alpha=shape.alpha, lora_dropout=shape.lora_dropout, bias=shape.bias,
-                      target_modules="all-linear" if shorthand else list(shape.targets),
-                      modules_to_save=list(shape.modules_to_save) or None, task_type="CAUSAL_LM",
-                      fan_in_fan_out=conv1d)
+    return peft_lora_config(shape.targets, shape.r, shape.alpha, shape.lora_dropout, shape.bias,
+                            shape.modules_to_save, fan_in_fan_out=conv1d)
 
 
 def _targets_conv1d(model: Any, targets: tuple[str, ...]) -> bool:
