@@ -2,8 +2,8 @@
 
 The sampler takes its readings from two injected sources:
 
-* a :class:`GpuSource` — the real one is :class:`NvmlSource` (``nvidia-ml-py``: used/total memory,
-  utilisation, temperature, power and per-process memory of every GPU); tests inject a fake;
+* a :class:`GpuSource` — the real one is :class:`kolora_probe.nvml.NvmlSource` (``nvidia-ml-py``: used/total
+  memory, utilisation, temperature, power and per-process memory of every GPU); tests inject a fake;
 * a :class:`SystemSource` — the real one is :class:`PsutilSource` (used/total/available RAM, process RSS).
 
 :class:`Monitor` keeps the history, appends every sample as one JSON line to ``samples.jsonl`` (written with one
@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Protocol
 
-from .nvml import GpuSample, nvml_error_reason
+from .nvml import GpuSample, NvmlSource, nvml_error_reason
 
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -87,79 +87,6 @@ class GpuSource(Protocol):
 
 class SystemSource(Protocol):
     def sample(self) -> SystemMemory: ...
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-class NvmlSource:
-    """Every GPU through NVML (``import pynvml`` from nvidia-ml-py). Fields a device does not support are None."""
-
-    def __init__(self, nvml_module: Any = None) -> None:
-        """``nvml_module``: an object with pynvml's API to use instead of ``import pynvml`` (tests)."""
-        self._module = nvml_module
-        self._nvml: Any = None
-        self._handles: list[tuple[int, Any, str]] = []
-
-    def open(self) -> str | None:
-        pynvml = self._module
-        if pynvml is None:
-            try:
-                import pynvml
-            except ImportError as exc:
-                return nvml_error_reason(exc)
-        try:
-            pynvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            return nvml_error_reason(exc)
-        self._nvml = pynvml
-        try:
-            count = pynvml.nvmlDeviceGetCount()
-            for i in range(count):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                self._handles.append((i, h, _text(pynvml.nvmlDeviceGetName(h))))
-        except Exception as exc:  # noqa: BLE001
-            self.close()
-            return nvml_error_reason(exc)
-        if not self._handles:
-            self.close()
-            return "NVML found no GPU device (driver loaded, but no GPU is visible to it)"
-        return None
-
-    def _try(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception:  # noqa: BLE001 - "not supported" on this device: the field stays None
-            return None
-
-    def sample(self) -> list[GpuSample]:
-        nv = self._nvml
-        out = []
-        for index, h, name in self._handles:
-            mem = nv.nvmlDeviceGetMemoryInfo(h)  # a failure here is a real problem: let the monitor report it
-            util = self._try(lambda: nv.nvmlDeviceGetUtilizationRates(h))
-            temp = self._try(lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
-            power_mw = self._try(lambda: nv.nvmlDeviceGetPowerUsage(h))  # milliwatts
-            procs = self._try(lambda: nv.nvmlDeviceGetComputeRunningProcesses(h)) or []
-            out.append(GpuSample(
-                index=index, name=name, memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
-                utilization_percent=float(util.gpu) if util is not None else None,
-                temperature_c=float(temp) if temp is not None else None,
-                power_w=round(power_mw / 1000.0, 3) if power_mw is not None else None,
-                processes=[{"pid": int(p.pid), "used_memory_bytes": (int(p.usedGpuMemory)
-                                                                     if p.usedGpuMemory is not None else None)}
-                           for p in procs]))
-        return out
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
-                pass
-        self._nvml = None
-        self._handles = []
 
 
 class PsutilSource:

@@ -1,12 +1,13 @@
 """GPU facts from NVML (``nvidia-ml-py``, ``import pynvml``): driver, devices, memory, utilisation.
 
 :func:`read_nvml` never raises: a missing library, driver or device becomes ``NvmlFacts.error``.
-Sampling for the monitor goes through ``kolora_probe.monitor.NvmlSource``, which tests replace with a fake source.
+:class:`NvmlSource` samples every GPU for :mod:`kolora_probe.monitor` (tests inject a stand-in pynvml module,
+or replace the source with a fake one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,32 @@ def nvml_error_reason(exc: BaseException) -> str:
     return f"NVML error: {name}: {text}"
 
 
-def read_nvml() -> NvmlFacts:
-    try:
-        import pynvml
-    except ImportError as exc:
-        return NvmlFacts(False, error=nvml_error_reason(exc))
+def nvml_init(module: Any = None) -> tuple[Any, str | None]:
+    """``(pynvml, None)`` once ``nvmlInit`` succeeded, else ``(None, why)``; ``module`` replaces ``import pynvml``."""
+    pynvml = module
+    if pynvml is None:
+        try:
+            import pynvml
+        except ImportError as exc:
+            return None, nvml_error_reason(exc)
     try:
         pynvml.nvmlInit()
-    except Exception as exc:  # noqa: BLE001
-        return NvmlFacts(False, error=nvml_error_reason(exc))
+    except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return None, nvml_error_reason(exc)
+    return pynvml, None
+
+
+def nvml_shutdown(pynvml: Any) -> None:
+    try:
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def read_nvml() -> NvmlFacts:
+    pynvml, why = nvml_init()
+    if pynvml is None:
+        return NvmlFacts(False, error=why)
     try:
         driver = _s(pynvml.nvmlSystemGetDriverVersion())
         try:
@@ -78,10 +96,7 @@ def read_nvml() -> NvmlFacts:
     except Exception as exc:  # noqa: BLE001
         return NvmlFacts(False, error=nvml_error_reason(exc))
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        nvml_shutdown(pynvml)
 
 
 @dataclass
@@ -94,3 +109,62 @@ class GpuSample:
     temperature_c: float | None = None
     power_w: float | None = None
     processes: list[dict[str, int]] = field(default_factory=list)
+
+
+class NvmlSource:
+    """Every GPU through NVML, for the monitor (a ``monitor.GpuSource``). Fields a device does not support are None."""
+
+    def __init__(self, nvml_module: Any = None) -> None:
+        """``nvml_module``: an object with pynvml's API to use instead of ``import pynvml`` (tests)."""
+        self._module = nvml_module
+        self._nvml: Any = None
+        self._handles: list[tuple[int, Any, str]] = []
+
+    def open(self) -> str | None:
+        """None when GPUs can be sampled, else why GPU figures are unavailable."""
+        pynvml, why = nvml_init(self._module)
+        if pynvml is None:
+            return why
+        self._nvml = pynvml
+        try:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                self._handles.append((i, h, _s(pynvml.nvmlDeviceGetName(h))))
+        except Exception as exc:  # noqa: BLE001
+            self.close()
+            return nvml_error_reason(exc)
+        if not self._handles:
+            self.close()
+            return "NVML found no GPU device (driver loaded, but no GPU is visible to it)"
+        return None
+
+    def _try(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - "not supported" on this device: the field stays None
+            return None
+
+    def sample(self) -> list[GpuSample]:
+        nv = self._nvml
+        out = []
+        for index, h, name in self._handles:
+            mem = nv.nvmlDeviceGetMemoryInfo(h)  # a failure here is a real problem: let the monitor report it
+            util = self._try(lambda: nv.nvmlDeviceGetUtilizationRates(h))
+            temp = self._try(lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
+            power_mw = self._try(lambda: nv.nvmlDeviceGetPowerUsage(h))  # milliwatts
+            procs = self._try(lambda: nv.nvmlDeviceGetComputeRunningProcesses(h)) or []
+            out.append(GpuSample(
+                index=index, name=name, memory_used_bytes=int(mem.used), memory_total_bytes=int(mem.total),
+                utilization_percent=float(util.gpu) if util is not None else None,
+                temperature_c=float(temp) if temp is not None else None,
+                power_w=round(power_mw / 1000.0, 3) if power_mw is not None else None,
+                processes=[{"pid": int(p.pid), "used_memory_bytes": (int(p.usedGpuMemory)
+                                                                     if p.usedGpuMemory is not None else None)}
+                           for p in procs]))
+        return out
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            nvml_shutdown(self._nvml)
+        self._nvml = None
+        self._handles = []
