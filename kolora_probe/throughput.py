@@ -348,12 +348,11 @@ def make_batch(tokenizer: Callable[..., Any], texts: Sequence[str], batch_size: 
 
 
 def lora_config_for(plan: Any) -> Any:
-    """PEFT ``LoraConfig`` for the plan's ``[lora]`` table (causal LM)."""
-    from peft import LoraConfig
+    """PEFT ``LoraConfig`` for the plan's ``[lora]`` table (causal LM; PEFT sets fan_in_fan_out for Conv1D)."""
+    from .lora_config import peft_lora_config
 
     lo = plan.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
-                      bias=lo.bias, modules_to_save=list(lo.modules_to_save) or None, task_type="CAUSAL_LM")
+    return peft_lora_config(lo.target_modules, lo.r, lo.alpha, lo.dropout, lo.bias, lo.modules_to_save)
 
 
 def lora_copy(model: Any, plan: Any) -> Any:
