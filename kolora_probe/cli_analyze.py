@@ -50,6 +50,13 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
+def layer_table(groups: list[dict[str, Any]], params_header: str) -> str:
+    """The per-pattern table of :func:`grouped_rows` (role, layers ×count, kind, in, out, LoRA parameters)."""
+    return table(["role", "layers", "kind", "in", "out", params_header],
+                 [[g["role"], f"{g['pattern']} ×{g['count']}", g["kind"], g["in_features"], g["out_features"],
+                   f"{g['lora_params']:,}"] for g in groups])
+
+
 def fail(command: str, message: str) -> int:
     print(f"kolora-probe {command}: {message}", file=sys.stderr)
     return 2
@@ -98,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     rows = grouped_rows(doc["layers"])
     order = {r: i for i, r in enumerate(("attention", "mlp", "other", "output_head", "embedding"))}
     rows.sort(key=lambda g: (order.get(g["role"], 9), g["pattern"]))
-    print(table(["role", "layers", "kind", "in", "out", f"LoRA r={args.r} params"],
-                [[g["role"], f"{g['pattern']} ×{g['count']}", g["kind"], g["in_features"], g["out_features"],
-                  f"{g['lora_params']:,}"] for g in rows]))
+    print(layer_table(rows, f"LoRA r={args.r} params"))
     print()
     print(f"suggested LoRA target sets (r={args.r}):")
     for s in doc["suggested_targets"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_analyze import fail, grouped_rows, table
+from .cli_analyze import fail, grouped_rows, layer_table
 
 HELP = "count LoRA trainable parameters for --targets/--r (analytic and PEFT) and report the consequences"
 
@@ -58,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"LoRA: targets={list(c.targets)} r={c.r} alpha={c.alpha:g} bias={c.bias}"
           + (f" modules_to_save={list(c.modules_to_save)}" if c.modules_to_save else ""))
     print()
-    rows = grouped_rows(doc["modules"])
-    print(table(["role", "layers", "kind", "in", "out", "lora_params"],
-                [[g["role"], f"{g['pattern']} ×{g['count']}", g["kind"], g["in_features"], g["out_features"],
-                  f"{g['lora_params']:,}"] for g in rows]))
+    print(layer_table(grouped_rows(doc["modules"]), "lora_params"))
     print()
     print(f"trainable parameters: {c.trainable_params:,} (analytic: LoRA {c.lora_params:,}"
           + (f" + bias {c.bias_params:,}" if c.bias_params else "")
