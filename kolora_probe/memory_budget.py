@@ -1,6 +1,6 @@
 """Does the plan's training step fit its GPU memory budget, and what batch size / sequence length would?
 
-:func:`estimate_for_plan` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares it with
+:func:`estimate` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares it with
 ``[budget].gpu_memory_gib`` and searches the largest batch size at the plan's sequence length (and the largest
 sequence length at the plan's batch size, up to the model's position limit) that fit. The search uses the closed
 form (instant, monotonic in both); with ``method="trace"`` the found batch size is confirmed by a trace and lowered
@@ -154,19 +154,6 @@ def check_targets(config: Any, plan: Any) -> str | None:
     except TargetError as exc:
         return str(exc)
     return None
-
-
-def shape_and_config_for_plan(plan: Any) -> tuple[Any, StepShape]:
-    """(config, StepShape) of the plan; raises ModelNotFound / RemoteCodeRefused with their one-line messages."""
-    from .model_source import load_config, resolve_model_source
-
-    config = load_config(resolve_model_source(plan.model.id, plan.model.revision))
-    return config, StepShape.from_plan(plan)
-
-
-def verdict_for_plan(plan: Any, method: str = "trace") -> BudgetVerdict:
-    config, shape = shape_and_config_for_plan(plan)
-    return budget_verdict(config, shape, plan.budget_bytes, method)
 
 
 def breakdown_chart_png(est: MemoryEstimate, budget_bytes: int | None = None,
