@@ -300,6 +300,7 @@ def timeline_png(samples: list[Sample], path: str | Path, gpu_unavailable_reason
             if util:
                 axes[1].plot([t for t, _ in util], [u for _, u in util], label=f"GPU{i} utilisation")
         ax_mem.set_ylabel("GPU memory (GiB)")
+        ax_mem.legend(loc="upper left", fontsize=8)
         axes[1].set_ylabel("utilisation (%)")
         axes[1].set_ylim(0, 100)
         axes[1].legend(loc="upper left", fontsize=8)
@@ -309,7 +310,6 @@ def timeline_png(samples: list[Sample], path: str | Path, gpu_unavailable_reason
                     transform=ax_mem.transAxes, fontsize=9)
         ax_mem.set_yticks([])
         ax_mem.set_ylabel("GPU memory")
-    ax_mem.legend(loc="upper left", fontsize=8) if indices else None
     ax_sys = axes[-1]
     sys_pts = [s for s in samples if s.system is not None]
     if sys_pts:
@@ -511,21 +511,28 @@ class Monitor:
     def run(self, duration_s: float | None = None) -> MonitorSummary:
         """Sample until ``duration_s`` elapsed, :meth:`request_stop` or Ctrl-C; then :meth:`finish`."""
         self.open()
-        start = time.monotonic()
-        k = 0
         try:
-            while True:
-                self.sample_once()
-                k += 1
-                next_at = start + k * self.interval_s
-                if duration_s is not None and next_at - start > duration_s + 1e-6:
-                    self.stop_reason = "duration"
-                    break
-                if self._stop.wait(max(0.0, next_at - time.monotonic())):
-                    break
+            self._sample_until_stopped(duration_s)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C)"
         return self._finish_shielded()
+
+    def _sample_until_stopped(self, duration_s: float | None = None,
+                              after_sample: Callable[[], None] | None = None) -> None:
+        """Sample at ``start + k·interval`` until ``duration_s`` elapsed (stop reason "duration") or a stop request."""
+        start = time.monotonic()
+        k = 0
+        while True:
+            self.sample_once()
+            if after_sample is not None:
+                after_sample()
+            k += 1
+            next_at = start + k * self.interval_s
+            if duration_s is not None and next_at - start > duration_s + 1e-6:
+                self.stop_reason = "duration"
+                return
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
 
     def _finish_shielded(self) -> MonitorSummary:
         """:meth:`finish` with a second Ctrl-C ignored while the summary and timeline are written."""
@@ -550,14 +557,7 @@ class Monitor:
 
         def loop() -> None:
             try:
-                start = time.monotonic()
-                k = 0
-                while True:
-                    self.sample_once()
-                    first.set()
-                    k += 1
-                    if self._stop.wait(max(0.0, start + k * self.interval_s - time.monotonic())):
-                        break
+                self._sample_until_stopped(after_sample=first.set)
             except BaseException as exc:  # noqa: BLE001 - reported by stop()
                 self._thread_error = exc
             finally:
