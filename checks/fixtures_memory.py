@@ -1,7 +1,7 @@
 """Fixtures for the memory checks (a pytest plugin listed in conftest.pytest_plugins).
 
-Config only: the prediction needs the plan's ``config.json`` (``model_config`` from fixtures_structure), no weights.
-The verdict (trace of one step on fake tensors + largest batch that fits) is computed once per session; the
+Config only: the prediction needs the plan's ``config.json`` (``model_config`` and ``structure_report`` from
+fixtures_structure), no weights. The verdict (trace of one step on fake tensors + largest batch that fits) is computed once per session; the
 measurement runs one real step on the CUDA device, once, and an OOM comes back as a result, never as an exception.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ def memory_shape(plan):
 
 
 @pytest.fixture(scope="session")
-def memory_verdict(plan, model_config, memory_shape):
+def memory_verdict(plan, model_config, memory_shape, structure_report):
     """Predicted peak of the plan's step (trace), fit vs budget, largest batch / sequence length that fit."""
     from kolora_probe.memory_budget import budget_verdict, check_targets
 
-    problem = check_targets(model_config, plan)
+    problem = check_targets(model_config, plan, structure_report)   # the session's report, not a second one
     if problem:
         fail_check(problem)
     return budget_verdict(model_config, memory_shape, plan.budget_bytes, "trace")

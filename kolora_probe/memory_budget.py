@@ -143,14 +143,20 @@ def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str
     return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
 
 
-def check_targets(config: Any, plan: Any) -> str | None:
-    """The one-line problem with the plan's LoRA targets on this model (PEFT-style matching), or None."""
-    from .lora_count import TargetError, resolve_targets
-    from .meta_model import build_meta_model
-    from .structure import analyze_model
+def check_targets(config: Any, plan: Any, report: Any = None) -> str | None:
+    """The one-line problem with the plan's LoRA targets on this model (PEFT-style matching), or None.
 
+    ``report``: the model's :class:`~kolora_probe.structure.StructureReport` when the caller has it already
+    (built from ``config`` on the meta device otherwise)."""
+    from .lora_count import TargetError, resolve_targets
+
+    if report is None:
+        from .meta_model import build_meta_model
+        from .structure import analyze_model
+
+        report = analyze_model(build_meta_model(config))
     try:
-        resolve_targets(analyze_model(build_meta_model(config)), plan.lora.target_modules, plan.lora.modules_to_save)
+        resolve_targets(report, plan.lora.target_modules, plan.lora.modules_to_save)
     except TargetError as exc:
         return str(exc)
     return None
