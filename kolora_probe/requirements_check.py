@@ -13,6 +13,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from .environment import installed_version
+
 
 class RequirementsFileError(ValueError):
     """The requirements file cannot be read or has a line packaging cannot parse."""
@@ -58,16 +60,9 @@ def parse_requirements(path: str | Path) -> list[tuple[int, Requirement]]:
     return out
 
 
-def _installed(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def requirement_status(req: Requirement, line: int = 0, required_by: str | None = None) -> RequirementStatus:
     name = canonicalize_name(req.name)
-    version = _installed(req.name)
+    version = installed_version(req.name)
     ok = False
     if version is not None:
         try:
@@ -112,10 +107,13 @@ def check_dependency_graph(path: str | Path) -> list[RequirementStatus]:
     while queue:
         name, extras = queue.pop()
         key = canonicalize_name(name) + "[" + ",".join(sorted(extras)) + "]"
-        if key in seen or _installed(name) is None:
+        if key in seen:
+            continue
+        version = installed_version(name)
+        if version is None:
             continue
         seen.add(key)
-        parent = f"{canonicalize_name(name)} {_installed(name)}"
+        parent = f"{canonicalize_name(name)} {version}"
         for dep in _dependencies(name, extras):
             edges.append(requirement_status(dep, 0, parent))
             queue.append((dep.name, set(dep.extras)))
