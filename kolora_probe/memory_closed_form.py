@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .memory_trace import (COMPONENTS, CUDA_BLOCK, MemoryEstimate, StepShape, adamw8bit_state_bytes,
-                           nf4_tensor_sizes, round_block)
+from .memory_trace import (COMPONENTS, CUDA_BLOCK, MemoryEstimate, StepShape, adamw8bit_state_bytes, nf4_bytes,
+                           round_block)
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -130,8 +130,7 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
             seen.add(id(w))
     for mod in model.modules():
         if lin4 and isinstance(mod, lin4):
-            n = mod.in_features * mod.out_features
-            quant_bytes += sum(round_block(v) for v in nf4_tensor_sizes(n, shape.double_quant).values())
+            quant_bytes += nf4_bytes(mod.in_features * mod.out_features, shape.double_quant, CUDA_BLOCK)
             seen.add(id(mod.weight))
             if mod.bias is not None and id(mod.bias) not in seen:
                 seen.add(id(mod.bias))
@@ -264,11 +263,10 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
     R = round_block
     T = s.batch_size * s.seq_len
     TV = T * f.vocab
-    autocast = s.dtype != "fp32"
-    ec = _BYTES[s.dtype] if autocast else _BYTES[s.weights_dtype]
+    ew, ec, _, autocast = _dtypes(f, s)
     bwd = 3 * R(TV * 4)                               # log_softmax out + NLL grad + log_softmax grad (fp32)
     extra = 0
-    if body_in_scope and autocast and _BYTES[s.weights_dtype] != ec:
+    if body_in_scope and autocast and ew != ec:
         extra += R(f.vocab * f.hidden * ec)           # low-precision copy of the head weight, saved for the input grad
     if f.head_adapted:
         drop = s.lora_dropout > 0
