@@ -276,16 +276,3 @@ def analyze_model(model: Any) -> StructureReport:
         suggested=_suggest(layers_t, tuple(module_names)), module_names=tuple(module_names),
         module_kinds=tuple(module_kinds))
 
-
-def analyze_config(config: Any, dtype: str = "fp32") -> StructureReport:
-    """Analyse the model ``config`` describes, built on the meta device (no weights, no memory)."""
-    from .meta_model import build_meta_model
-
-    return analyze_model(build_meta_model(config, dtype))
-
-
-def analyze_source(model_id: str, revision: str = "main", dtype: str = "fp32") -> StructureReport:
-    """Resolve ``model_id`` (local dir, cache, hub), read its config and analyse it. Raises ModelNotFound."""
-    from .model_source import load_config, resolve_model_source
-
-    return analyze_config(load_config(resolve_model_source(model_id, revision)), dtype)

@@ -7,7 +7,7 @@ shows up as lost Hangul in :func:`round_trip`, and :func:`hangul_fix_hint` says 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from .korean_text import hangul_count
 
@@ -128,10 +128,3 @@ def hangul_fix_hint(requested_class: str, class_name: str, rt: RoundTrip) -> str
 
 def describe_examples(rt: RoundTrip) -> str:
     return "; ".join(f"{a[:40]!r} → {b[:40]!r}" for a, b in rt.examples)
-
-
-def first_token_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-__all__: list[Any] = [n for n in dir() if not n.startswith("_")]
