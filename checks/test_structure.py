@@ -28,6 +28,7 @@ def test_adaptable_layers_found(plan, structure_report, evidence):
 def test_tied_parameters_counted_once(plan, model_config, structure_model, structure_report, evidence):
     """Shared parameters (e.g. lm_head ↔ wte) exist once in the meta-device model and in the total."""
     from kolora_probe.meta_model import count_parameters
+    from kolora_probe.structure import ties_word_embeddings
 
     rep = structure_report
     total, _ = count_parameters(structure_model)
@@ -36,10 +37,8 @@ def test_tied_parameters_counted_once(plan, model_config, structure_model, struc
     evidence("tied_groups", [list(g.names) for g in rep.tied_groups])
     assert rep.total_params == total, (f"structure total {rep.total_params:,} != model.parameters() total {total:,}; "
                                        f"fix the analyser's de-duplication")
-    tie = getattr(model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config,
-                  "tie_word_embeddings", False)
     head = next((l for l in rep.layers if l.role == "output_head"), None)
-    if tie and head is not None:
+    if ties_word_embeddings(model_config) and head is not None:
         assert head.tied_with, (f"config.tie_word_embeddings=True but {head.name} is not tied to the input "
                                 f"embedding on the meta model: counts would be {head.params:,} too high; "
                                 f"build the model with kolora_probe.meta_model.build_meta_model")

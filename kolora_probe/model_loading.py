@@ -171,11 +171,10 @@ def find_weights(source: ModelSource) -> tuple[str, tuple[Path, ...]]:
 
 
 def tied_groups(model) -> tuple[tuple[str, ...], ...]:
-    """Names of parameters sharing one tensor (e.g. ``lm_head.weight`` and ``transformer.wte.weight``)."""
-    by_ptr: dict[tuple, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_ptr.setdefault((p.data_ptr(), tuple(p.shape), p.device.type), []).append(name)
-    return tuple(tuple(sorted(names)) for names in by_ptr.values() if len(names) > 1)
+    """Names of parameters sharing one tensor (e.g. ``lm_head.weight`` and ``transformer.wte.weight``), sorted."""
+    from .structure import parameter_tensors
+
+    return tuple(tuple(sorted(g.names)) for g in parameter_tensors(model) if len(g.names) > 1)
 
 
 def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> LoadedModel:
@@ -183,6 +182,7 @@ def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> Lo
     from transformers import AutoModelForCausalLM
 
     from .meta_model import count_parameters, torch_dtype
+    from .structure import ties_word_embeddings
 
     source = resolve_model_source(model_id, revision)
     try:
@@ -210,11 +210,10 @@ def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> Lo
     seconds = time.perf_counter() - t0
     model.eval()
     total, trainable = count_parameters(model)
-    tie = bool(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                       "tie_word_embeddings", False))
     return LoadedModel(
         model=model, source=source, config=config, weight_format=fmt, weight_files=files, load_seconds=seconds,
-        total_params=total, trainable_params=trainable, tied=tied_groups(model), tie_expected=tie,
+        total_params=total, trainable_params=trainable, tied=tied_groups(model),
+        tie_expected=ties_word_embeddings(config),
         missing_keys=tuple(sorted(info.get("missing_keys", ()))),
         unexpected_keys=tuple(sorted(info.get("unexpected_keys", ()))),
         mismatched_keys=tuple(sorted(str(k[0]) if isinstance(k, tuple) else str(k)

@@ -154,6 +154,22 @@ def param_numel(p: Any) -> int:
     return n
 
 
+def parameter_tensors(model: Any) -> tuple[TiedGroup, ...]:
+    """Every distinct parameter tensor with the names it is reachable under (several when tied)."""
+    names: dict[int, list[str]] = {}
+    numel: dict[int, int] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+        numel[id(p)] = param_numel(p)
+    return tuple(TiedGroup(tuple(ns), numel[i]) for i, ns in names.items())
+
+
+def ties_word_embeddings(config: Any) -> bool:
+    """The config asks for tied input/output embeddings (for a composite config: its text config does)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
 def family_of(model_type: str, layer_names: Iterable[str] = ()) -> str:
     """The architecture family whose rules apply: by model_type, else by the layer names seen."""
     for family, types, _ in ARCH_RULES:
@@ -230,18 +246,12 @@ def analyze_model(model: Any) -> StructureReport:
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", "") or "")
 
-    # tied parameters: one tensor reachable under several names
-    by_id: dict[int, list[str]] = {}
-    numel_of: dict[int, int] = {}
-    total_untied = 0
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(pname)
-        numel_of[id(p)] = param_numel(p)
-        total_untied += numel_of[id(p)]
-    total = sum(numel_of.values())
-    tied_groups = tuple(TiedGroup(tuple(ns), numel_of[i]) for i, ns in by_id.items() if len(ns) > 1)
+    tensors = parameter_tensors(model)
+    total = sum(g.numel for g in tensors)
+    total_untied = sum(g.numel * len(g.names) for g in tensors)
+    tied = tuple(g for g in tensors if len(g.names) > 1)
     tied_of: dict[str, tuple[str, ...]] = {}
-    for g in tied_groups:
+    for g in tied:
         for n in g.names:
             tied_of[n] = tuple(x for x in g.names if x != n)
 
@@ -272,7 +282,7 @@ def analyze_model(model: Any) -> StructureReport:
     layers_t = tuple(layers)
     return StructureReport(
         model_type=model_type, architecture=type(model).__name__, family=family, total_params=total,
-        total_params_if_untied=total_untied, layers=layers_t, tied_groups=tied_groups,
+        total_params_if_untied=total_untied, layers=layers_t, tied_groups=tied,
         suggested=_suggest(layers_t, tuple(module_names)), module_names=tuple(module_names),
         module_kinds=tuple(module_kinds))
 
