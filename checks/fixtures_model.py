@@ -39,12 +39,11 @@ def _device(config: pytest.Config) -> str:
 
 @pytest.fixture(scope="session")
 def loaded_model(plan, model_source, pytestconfig):
-    from kolora_probe.model_loading import ModelLoadError, load_model
-    from kolora_probe.model_source import ModelNotFound
+    from kolora_probe.model_loading import ModelLoadError, load_model_from
 
     try:
-        loaded = load_model(plan.model.id, plan.model.revision, dtype=plan.training.weights_dtype)
-    except (ModelLoadError, ModelNotFound) as exc:
+        loaded = load_model_from(model_source, dtype=plan.training.weights_dtype)
+    except ModelLoadError as exc:
         fail_check("model weights could not be loaded", exc)
     device = _device(pytestconfig)
     if device != "cpu":

@@ -179,12 +179,16 @@ def tied_groups(model) -> tuple[tuple[str, ...], ...]:
 
 def load_model(model_id: str, revision: str = "main", dtype: str = "fp32") -> LoadedModel:
     """Resolve, verify and load ``model_id`` as a causal LM on CPU. Raises ModelNotFound / ModelLoadError."""
+    return load_model_from(resolve_model_source(model_id, revision), dtype)
+
+
+def load_model_from(source: ModelSource, dtype: str = "fp32") -> LoadedModel:
+    """Verify and load the already resolved ``source`` as a causal LM on CPU. Raises ModelLoadError."""
     from transformers import AutoModelForCausalLM
 
     from .meta_model import count_parameters, torch_dtype
     from .structure import ties_word_embeddings
 
-    source = resolve_model_source(model_id, revision)
     try:
         config = load_config(source)
     except RemoteCodeRefused as exc:
