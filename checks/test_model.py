@@ -57,11 +57,11 @@ def test_tied_head_preserved(loaded_model, evidence):
                                         "would not share the embedding); re-save the model with save_pretrained()")
 
 
-def test_parameter_count_matches_architecture(loaded_model, evidence):
+def test_parameter_count_matches_architecture(loaded_model, structure_model, evidence):
     """Loaded parameters (shared ones once) equal the count of the same config built on the meta device."""
-    from kolora_probe.meta_model import build_meta_model, count_parameters
+    from kolora_probe.meta_model import count_parameters
 
-    expected, _ = count_parameters(build_meta_model(loaded_model.config))
+    expected, _ = count_parameters(structure_model)
     evidence("total_params", loaded_model.total_params, expected=expected)
     evidence("trainable_params", loaded_model.trainable_params)
     assert loaded_model.total_params == expected, (
