@@ -16,17 +16,14 @@ import pytest
 
 from kolora_probe.throughput import (Peak, StepThroughput, backward_scope, forward_flops_per_token, forward_pass,
                                      lora_copy, make_batch, matmul_params, optimizer_for, peak_tflops,
-                                     shape_from_config, tokenize_all, train_step, training_flops_per_token)
+                                     shape_from_config, synchronize, tokenize_all, train_step,
+                                     training_flops_per_token)
 
 pytestmark = pytest.mark.benchmark
 
 
 def _texts(korean_texts) -> list[str]:
     return [korean_texts] if isinstance(korean_texts, str) else [t for t in korean_texts if t]
-
-
-def _device_of(model):
-    return next(model.parameters()).device
 
 
 def _rounds(device) -> tuple[int, int]:
@@ -61,14 +58,21 @@ def _peak(device, dtype: str) -> tuple[Peak | None, str | None]:
     return peak, None if peak else f"{name!r} ({dtype}) is not in kolora_probe.throughput.PEAK_TFLOPS"
 
 
-def _check_shapes(model, plan) -> None:
+def _device_and_batch(model, plan, tokenizer, korean_texts):
+    """The model's device and a plan-sized batch of Korean text on it; fails when seq_len exceeds the positions."""
+    t = plan.training
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if n_pos and plan.training.seq_len > n_pos:
-        pytest.fail(f"plan seq_len {plan.training.seq_len} exceeds the model's {n_pos} positions; "
+    if n_pos and t.seq_len > n_pos:
+        pytest.fail(f"plan seq_len {t.seq_len} exceeds the model's {n_pos} positions; "
                     f"lower [training].seq_len or --seq-len", pytrace=False)
+    device = next(model.parameters()).device
+    return device, make_batch(tokenizer, _texts(korean_texts), t.batch_size, t.seq_len, device)
 
 
-def _record(evidence, benchmark, benchmark_results, nodeid: str, values: dict, units: dict) -> None:
+def _record(evidence, benchmark, benchmark_results, nodeid: str, values: dict, units: dict,
+            mfu_note: str | None = None) -> None:
+    if mfu_note:
+        values["mfu_note"] = mfu_note
     for name, value in values.items():
         evidence(name, value, unit=units.get(name))
     benchmark.extra_info.update(values)
@@ -99,10 +103,8 @@ def test_korean_tokenization_throughput(benchmark, tokenizer, korean_texts, evid
 def test_forward_latency(benchmark, loaded_model, tokenizer, korean_texts, plan, evidence, benchmark_results,
                          request):
     model = loaded_model.model
-    _check_shapes(model, plan)
-    device = _device_of(model)
+    device, batch = _device_and_batch(model, plan, tokenizer, korean_texts)
     t = plan.training
-    batch = make_batch(tokenizer, _texts(korean_texts), t.batch_size, t.seq_len, device)
     was_training = model.training
     model.eval()
     timings: list[float] = []
@@ -121,10 +123,9 @@ def test_forward_latency(benchmark, loaded_model, tokenizer, korean_texts, plan,
               "forward_achieved_tflops": round(step.achieved_tflops, 3),
               "forward_mfu": round(step.mfu, 4) if step.mfu is not None else None,
               "forward_shape": f"{t.batch_size}x{t.seq_len} {t.dtype} on {device}"}
-    if why:
-        values["mfu_note"] = why
     _record(evidence, benchmark, benchmark_results, request.node.nodeid, values,
-            {"forward_latency_ms": "ms", "forward_tokens_per_s": "tokens/s", "forward_achieved_tflops": "TFLOP/s"})
+            {"forward_latency_ms": "ms", "forward_tokens_per_s": "tokens/s", "forward_achieved_tflops": "TFLOP/s"},
+            mfu_note=why)
     assert tuple(logits.shape[:2]) == (t.batch_size, t.seq_len), f"logits shape {tuple(logits.shape)}"
     assert bool(logits.float().isfinite().all()), "the forward pass produced NaN/inf logits"
     if step.mfu is not None:
@@ -136,12 +137,10 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
     import torch
 
     base = loaded_model.model
-    _check_shapes(base, plan)
-    device = _device_of(base)
+    device, batch = _device_and_batch(base, plan, tokenizer, korean_texts)
     t = plan.training
     model = lora_copy(base, plan)
     optimizer = optimizer_for(model, t.optimizer)
-    batch = make_batch(tokenizer, _texts(korean_texts), t.batch_size, t.seq_len, device)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen_name, frozen = next((n, p) for n, p in model.named_parameters()
                                if not p.requires_grad and p.dtype.is_floating_point)
@@ -168,8 +167,7 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
         frozen_same = torch.equal(frozen.detach(), frozen_before)
     finally:
         del optimizer
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     values = {"train_step_ms": round(s.seconds * 1e3, 2), "train_tokens_per_s": round(s.tokens_per_s),
               "train_flops_per_token": flops.total, "train_achieved_tflops": round(s.achieved_tflops, 3),
               "train_mfu": round(s.mfu, 4) if s.mfu is not None else None,
@@ -177,11 +175,9 @@ def test_lora_training_step(benchmark, loaded_model, tokenizer, korean_texts, pl
               "train_backprop_matmul_params": scope.matmul_params, "train_backprop_layers": scope.layers,
               "train_shape": f"{t.batch_size}x{t.seq_len} {t.dtype} grad_ckpt={t.gradient_checkpointing} on {device}",
               "train_losses": [round(v, 4) for v in losses]}
-    if why:
-        values["mfu_note"] = why
     _record(evidence, benchmark, benchmark_results, request.node.nodeid, values,
             {"train_step_ms": "ms", "train_tokens_per_s": "tokens/s", "train_flops_per_token": "FLOPs",
-             "train_achieved_tflops": "TFLOP/s"})
+             "train_achieved_tflops": "TFLOP/s"}, mfu_note=why)
     assert all(math.isfinite(v) for v in losses), f"non-finite training loss: {losses}"
     assert changed, "no trainable (LoRA) parameter changed after the optimizer steps: the step did not train"
     assert frozen_same, f"frozen weight {frozen_name} changed during LoRA training"
