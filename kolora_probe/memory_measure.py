@@ -163,18 +163,13 @@ def measure_callable(step: Callable[[], Any], device: str, baseline: Callable[[]
 
 def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
     """QLoRA model on CUDA: meta model → bnb Linear4bit layers with random weights quantized on ``.to(device)``."""
-    import copy
-
     import bitsandbytes as bnb
     import torch
-    from peft import get_peft_model
 
-    from .memory_trace import _enable_checkpointing, _quantize_4bit_meta, _targets_conv1d, lora_config
+    from .memory_trace import _quantize_4bit_meta, add_lora, step_config
     from .meta_model import build_meta_model, torch_dtype
 
-    config = copy.deepcopy(config)
-    config.use_cache = shape.use_cache
-    model = _quantize_4bit_meta(build_meta_model(config, shape.weights_dtype), shape)
+    model = _quantize_4bit_meta(build_meta_model(step_config(config, shape), shape.weights_dtype), shape)
     wdt = torch_dtype(shape.weights_dtype)
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
@@ -193,12 +188,7 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model = model.to(device)
-    if shape.gradient_checkpointing:
-        _enable_checkpointing(model)
-    peft_model = get_peft_model(model, lora_config(shape, _targets_conv1d(model, shape.targets)))
-    peft_model.train()
-    return peft_model
+    return add_lora(model.to(device), shape)
 
 
 def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurement:

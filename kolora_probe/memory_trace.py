@@ -176,6 +176,30 @@ def _quantize_4bit_meta(model: Any, shape: StepShape) -> Any:
     return model
 
 
+def step_config(config: Any, shape: StepShape) -> Any:
+    """A copy of ``config`` with the plan's ``use_cache`` (the caller's config is left alone)."""
+    config = copy.deepcopy(config)
+    config.use_cache = shape.use_cache
+    return config
+
+
+def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
+    """``model`` with the plan's gradient checkpointing and PEFT LoRA, in training mode (``meta``: the adapter
+    weights are created on the meta device)."""
+    import torch
+    from peft import get_peft_model
+
+    if shape.gradient_checkpointing:
+        _enable_checkpointing(model)
+    conv1d = _targets_conv1d(model, shape.targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with (torch.device("meta") if meta else contextlib.nullcontext()):
+            peft_model = get_peft_model(model, lora_config(shape, conv1d))
+    peft_model.train()
+    return peft_model
+
+
 def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquantized_8bit: bool = False) -> Any:
     """The plan's causal LM with PEFT LoRA, on ``device`` ("meta" for tracing, "cpu"/"cuda" to measure).
 
@@ -183,12 +207,10 @@ def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquan
     ``unquantized_8bit=True`` builds an 8-bit plan's model with unquantized layers (for the closed form's counts).
     """
     import torch
-    from peft import get_peft_model
 
     from .meta_model import build_meta_model, torch_dtype
 
-    config = copy.deepcopy(config)
-    config.use_cache = shape.use_cache
+    config = step_config(config, shape)
     if shape.quantization == "8bit" and not unquantized_8bit:
         raise TraceUnsupported("8-bit (LLM.int8) frozen weights cannot be built without a CUDA GPU; "
                                "use the closed form (--method closed-form)")
@@ -205,15 +227,7 @@ def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquan
             raise TraceUnsupported("real 4-bit steps are measured by loading the model with BitsAndBytesConfig; "
                                    "build_step_model only builds them on the meta device")
         model = _quantize_4bit_meta(model, shape)
-    if shape.gradient_checkpointing:
-        _enable_checkpointing(model)
-    conv1d = _targets_conv1d(model, shape.targets)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with (torch.device("meta") if device == "meta" else contextlib.nullcontext()):
-            peft_model = get_peft_model(model, lora_config(shape, conv1d))
-    peft_model.train()
-    return peft_model
+    return add_lora(model, shape, meta=device == "meta")
 
 
 def make_optimizer(model: Any, shape: StepShape, cuda: bool, traced: bool = True) -> Any:
