@@ -14,7 +14,7 @@ import pytest
 
 from kolora_probe.monitor import (LiveView, Monitor, PsutilSource, Sample, SystemMemory, format_sample,
                                   read_samples, summarize_samples)
-from kolora_probe.nvml import GpuSample
+from kolora_probe.nvml import GpuSample, NvmlSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -344,8 +344,6 @@ class FakePynvml:
 
 
 def test_nvml_source_maps_every_field_and_tolerates_unsupported_ones():
-    from kolora_probe.monitor import NvmlSource
-
     fake = FakePynvml()
     src = NvmlSource(fake)
     assert src.open() is None
@@ -361,8 +359,6 @@ def test_nvml_source_maps_every_field_and_tolerates_unsupported_ones():
 
 
 def test_nvml_source_says_why_gpu_figures_are_unavailable():
-    from kolora_probe.monitor import NvmlSource
-
     no_lib = NvmlSource(FakePynvml(init_error=FakePynvml.NVMLError_LibraryNotFound("NVML Shared Library Not Found")))
     assert "libnvidia-ml.so" in no_lib.open() and "no NVIDIA driver" in no_lib.open()
     fake = FakePynvml(devices=0)
@@ -375,8 +371,6 @@ def test_nvml_source_says_why_gpu_figures_are_unavailable():
 
 
 def test_real_nvml_source_on_this_machine_never_raises():
-    from kolora_probe.monitor import NvmlSource
-
     src = NvmlSource()
     reason = src.open()
     try:
