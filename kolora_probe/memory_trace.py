@@ -137,13 +137,6 @@ def adamw8bit_state_bytes(numels: list[int], block: int = 1) -> int:
 
 
 # --- the model of the plan --------------------------------------------------------------------------------
-def lora_config(shape: StepShape, conv1d: bool) -> Any:
-    from .lora_config import peft_lora_config
-
-    return peft_lora_config(shape.targets, shape.r, shape.alpha, shape.lora_dropout, shape.bias,
-                            shape.modules_to_save, fan_in_fan_out=conv1d)
-
-
 def _targets_conv1d(model: Any, targets: tuple[str, ...]) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -189,13 +182,16 @@ def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
     import torch
     from peft import get_peft_model
 
+    from .lora_config import peft_lora_config
+
     if shape.gradient_checkpointing:
         _enable_checkpointing(model)
-    conv1d = _targets_conv1d(model, shape.targets)
+    config = peft_lora_config(shape.targets, shape.r, shape.alpha, shape.lora_dropout, shape.bias,
+                              shape.modules_to_save, fan_in_fan_out=_targets_conv1d(model, shape.targets))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with (torch.device("meta") if meta else contextlib.nullcontext()):
-            peft_model = get_peft_model(model, lora_config(shape, conv1d))
+            peft_model = get_peft_model(model, config)
     peft_model.train()
     return peft_model
 
