@@ -98,6 +98,24 @@ def _floats(args: Any) -> Iterator[torch.Tensor]:
             yield from _floats(a)
 
 
+def _with_default_dtype(op: Any, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """``op``'s arguments with its optional ``dtype`` set to ``dtype`` where the caller left it None.
+
+    The ``dtype`` may come positionally (``softmax(x, -1, None)``) or by keyword; the op's schema says where.
+    """
+    names = [a.name for a in op._schema.arguments]
+    if "dtype" not in names:
+        return args, kwargs
+    i = names.index("dtype")
+    if i < len(args):
+        if args[i] is None:
+            args = tuple(args[:i]) + (dtype,) + tuple(args[i + 1:])
+        return args, kwargs
+    if kwargs.get("dtype") is None:
+        kwargs = dict(kwargs, dtype=dtype)
+    return args, kwargs
+
+
 _EXCLUDE_AUTOCAST = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
@@ -111,8 +129,8 @@ def _autocast_kernel(op: Any, policy: str):
                 args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
             elif policy == "fp32_set_opt_dtype":
                 fl = list(_floats(args))
-                if fl and fl[0].dtype != torch.float32 and kwargs.get("dtype") is None:
-                    kwargs = dict(kwargs, dtype=torch.float32)
+                if fl and fl[0].dtype != torch.float32:
+                    args, kwargs = _with_default_dtype(op, args, kwargs, torch.float32)
             elif policy == "promote":
                 fl = list(_floats(args))
                 if fl:

@@ -142,3 +142,48 @@ def test_llama_style_model_traces(ko):
     assert e.predicted_peak_bytes == sum(e.components.values()) > 0
     # LoRA r=16 on 2 layers × (q 64→64, v 64→32): fp32 A and B
     assert e.components["lora_weights"] == 2 * (16 * (64 + 64) + 16 * (64 + 32)) * 4
+
+
+def test_cuda_autocast_softmax_with_positional_dtype_runs_in_fp32():
+    """CUDA's autocast runs softmax in fp32 (``fp32_set_opt_dtype``); eager attention code (BLOOM, Gemma 2) calls
+    ``softmax(x, dim, dtype=...)``, which reaches the kernel with ``dtype`` as a positional argument."""
+    from kolora_probe.memory_emulation import cuda_like_kernels
+
+    x = torch.randn(2, 5).to(torch.bfloat16)
+    with cuda_like_kernels(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = torch.nn.functional.softmax(x, dim=-1)
+        explicit = torch.nn.functional.softmax(x, dim=-1, dtype=torch.float64)
+    assert plain.dtype == torch.float32          # CUDA policy: upcast when no dtype is given
+    assert explicit.dtype == torch.float64       # an explicit dtype is kept
+    assert torch.allclose(plain, torch.softmax(x.float(), -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("make", ["bloom", "gemma2"])
+def test_eager_attention_models_trace_under_bf16_autocast(make):
+    """Models whose eager attention calls softmax with a dtype trace (no fallback) in a bf16-autocast step."""
+    from transformers import BloomConfig, Gemma2Config
+
+    cfg = (BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4) if make == "bloom" else
+           Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                        pad_token_id=0))
+    from kolora_probe.memory_budget import estimate
+
+    for weights in ("fp32", "bf16"):
+        e = estimate(cfg, StepShape(batch_size=2, seq_len=16, dtype="bf16", weights_dtype=weights,
+                                    targets=("lm_head",)), "trace")
+        assert e.method == "trace", (weights, e.notes)
+        assert e.predicted_peak_bytes == sum(e.components.values()) > 0
+
+
+def test_a_trace_that_fails_falls_back_to_the_closed_form_with_the_reason(monkeypatch):
+    import kolora_probe.memory_trace as mt
+    from kolora_probe.memory_budget import estimate
+
+    def broken(config, shape):
+        raise RuntimeError("aten::foo has no fake kernel\nsecond line")
+
+    monkeypatch.setattr(mt, "trace_step", broken)
+    e = estimate(llama_config(), StepShape(batch_size=1, seq_len=8, targets=("q_proj",)), "trace")
+    assert e.method == "closed_form" and e.predicted_peak_bytes > 0
+    assert any("trace failed (RuntimeError: aten::foo has no fake kernel)" in n for n in e.notes), e.notes
