@@ -57,6 +57,20 @@ def layer_table(groups: list[dict[str, Any]], params_header: str) -> str:
                    f"{g['lora_params']:,}"] for g in groups])
 
 
+def fused_note(rep: Any) -> str:
+    """The weight matrices ``target_modules`` cannot reach (mixture-of-experts tensors, routers), by pattern."""
+    groups: dict[tuple, list[int]] = {}
+    for f in rep.fused:
+        key = (pattern(f.name), f.module_kind, "×".join(map(str, f.shape)))
+        groups.setdefault(key, []).append(f.numel)
+    share = 100.0 * rep.fused_params / rep.total_params if rep.total_params else 0.0
+    lines = [f"not reachable by target_modules: {rep.fused_params:,} parameters ({share:.1f} %) in weight tensors "
+             f"held by modules LoRA cannot wrap (PEFT adapts them only through LoraConfig(target_parameters=...)):"]
+    for (pat, kind, shape), ns in groups.items():
+        lines.append(f"  {pat} ×{len(ns)}  {kind}  {shape}  {sum(ns):,} parameters")
+    return "\n".join(lines)
+
+
 def fail(command: str, message: str) -> int:
     print(f"kolora-probe {command}: {message}", file=sys.stderr)
     return 2
@@ -107,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     rows.sort(key=lambda g: (order.get(g["role"], 9), g["pattern"]))
     print(layer_table(rows, f"LoRA r={args.r} params"))
     print()
+    if rep.fused:
+        print(fused_note(rep))
+        print()
     print(f"suggested LoRA target sets (r={args.r}):")
     for s in doc["suggested_targets"]:
         print(f"  {s['name']:<24} --targets {','.join(s['targets'])}  ({s['modules']} layers, "

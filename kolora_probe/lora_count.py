@@ -32,7 +32,8 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class Finding:
-    code: str        # embedding_saved | tied_target | conv1d_fan_in_fan_out | partial_kind | adapter_size
+    code: str        # embedding_saved | tied_target | conv1d_fan_in_fan_out | partial_kind | fused_params |
+                     # adapter_size
     severity: str    # info | warning
     message: str
 
@@ -239,6 +240,14 @@ def _findings(report: StructureReport, model: Any, targeted: list[Layer], matche
                 findings.append(Finding("partial_kind", "info", (
                     f"target {m.target!r} matches {k} of {total} layers named {leaf!r} "
                     f"(not e.g. {missed}); use {leaf!r} to adapt all of them")))
+    if report.fused:
+        f0 = max(report.fused, key=lambda f: f.numel)
+        share = 100.0 * report.fused_params / report.total_params if report.total_params else 0.0
+        findings.append(Finding("fused_params", "warning" if share >= 10 else "info", (
+            f"{report.fused_params:,} parameters ({share:.1f} % of the model) sit in {len(report.fused)} weight "
+            f"tensor(s) that target_modules cannot reach (e.g. {f0.name}, {f0.module_kind} "
+            f"{'×'.join(map(str, f0.shape))}): this adapter leaves them frozen; PEFT adapts them only through "
+            f"LoraConfig(target_parameters=[...])")))
     adapter = lora_params * LORA_ADAPTER_BYTES_PER_PARAM + extra_bytes
     findings.append(Finding("adapter_size", "info", (
         f"saved adapter ≈ {_mb(adapter)} ({lora_params:,} LoRA parameters in fp32"

@@ -67,6 +67,17 @@ class TiedGroup:
 
 
 @dataclass(frozen=True)
+class FusedParameter:
+    """A weight matrix (≥ 2-D) held by a module LoRA's ``target_modules`` cannot wrap, e.g. the 3-D expert tensors
+    of a mixture-of-experts block (transformers 5 ``MixtralExperts.gate_up_proj``) or a router weight. PEFT can
+    adapt such a tensor only through ``LoraConfig(target_parameters=[...])``."""
+    name: str                 # full parameter name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    module_kind: str          # class name of the owning module, e.g. "MixtralExperts"
+    shape: tuple[int, ...]
+    numel: int
+
+
+@dataclass(frozen=True)
 class TargetSet:
     name: str                 # attention-only | attention+mlp | all-linear-without-head
     targets: tuple[str, ...]  # PEFT target_modules
@@ -85,6 +96,11 @@ class StructureReport:
     suggested: tuple[TargetSet, ...]
     module_names: tuple[str, ...] = field(repr=False, default=())   # every named module (for matching)
     module_kinds: tuple[str, ...] = field(repr=False, default=())    # class name per module_names entry
+    fused: tuple[FusedParameter, ...] = ()   # weight matrices no target_modules entry can reach
+
+    @property
+    def fused_params(self) -> int:
+        return sum(f.numel for f in self.fused)
 
     def by_role(self) -> dict[str, tuple[Layer, ...]]:
         return {role: tuple(l for l in self.layers if l.role == role) for role in ROLES}
@@ -106,6 +122,8 @@ class StructureReport:
             "tied_groups": [{"names": list(g.names), "numel": g.numel} for g in self.tied_groups],
             "suggested_targets": [{"name": s.name, "targets": list(s.targets), "modules": s.modules}
                                   for s in self.suggested],
+            "fused_params": [{"name": f.name, "module_kind": f.module_kind, "shape": list(f.shape),
+                              "numel": f.numel} for f in self.fused],
         }
 
 
@@ -226,17 +244,37 @@ def minimal_targets(chosen: Iterable[str], all_names: Iterable[str]) -> tuple[st
 
 
 def _suggest(layers: tuple[Layer, ...], module_names: tuple[str, ...]) -> tuple[TargetSet, ...]:
-    sets = (("attention-only", ("attention",)), ("attention+mlp", ("attention", "mlp")),
-            ("all-linear-without-head", ("attention", "mlp", "other")))
+    # (name, roles it takes layers from, roles that must have layers for the name to be true)
+    sets = (("attention-only", ("attention",), ("attention",)),
+            ("attention+mlp", ("attention", "mlp"), ("attention", "mlp")),
+            ("all-linear-without-head", ("attention", "mlp", "other"), ()))
     linear_names = [l.name for l in layers if l.role != "embedding"]
+    present = {l.role for l in layers}
     out = []
-    for name, roles in sets:
+    for name, roles, required in sets:
         chosen = [l.name for l in layers if l.role in roles]
-        if not chosen:
-            continue
+        if not chosen or not set(required) <= present:
+            continue   # e.g. no attention+mlp on a mixture-of-experts model whose MLP holds no Linear layer
         targets = minimal_targets(chosen, module_names)
         matched = sum(1 for n in linear_names if any(matches_target(n, t) for t in targets))
         out.append(TargetSet(name, targets, matched))
+    return tuple(out)
+
+
+def fused_parameters(model: Any, adaptable: Iterable[str]) -> tuple[FusedParameter, ...]:
+    """Weight matrices (≥ 2-D parameters) owned by modules that are not adaptable layers (see FusedParameter)."""
+    adaptable_set = set(adaptable)
+    out: list[FusedParameter] = []
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        if mname in adaptable_set:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() < 2 or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append(FusedParameter(f"{mname}.{pname}" if mname else pname, type(module).__name__,
+                                      tuple(int(x) for x in p.shape), param_numel(p)))
     return tuple(out)
 
 
@@ -284,5 +322,5 @@ def analyze_model(model: Any) -> StructureReport:
         model_type=model_type, architecture=type(model).__name__, family=family, total_params=total,
         total_params_if_untied=total_untied, layers=layers_t, tied_groups=tied,
         suggested=_suggest(layers_t, tuple(module_names)), module_names=tuple(module_names),
-        module_kinds=tuple(module_kinds))
+        module_kinds=tuple(module_kinds), fused=fused_parameters(model, (n for n, _, _ in raw)))
 

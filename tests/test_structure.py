@@ -83,6 +83,35 @@ def test_llama_style_roles_features_and_total():
     assert s["attention+mlp"] == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_mixture_of_experts_fused_tensors_are_reported_not_suggested():
+    """transformers 5 stores Mixtral's experts as 3-D tensors of one MixtralExperts module (no nn.Linear per
+    expert) and the router as a bare weight: target_modules cannot reach them, so they are listed as fused
+    parameters, no 'attention+mlp' set pretends to cover the MLP, and a LoRA count warns about them."""
+    from transformers import MixtralConfig
+
+    from kolora_probe.lora_count import count_lora
+
+    d, ff, experts, layers, vocab = 64, 96, 4, 2, 100
+    cfg = MixtralConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    model = build_meta_model(cfg)
+    rep = analyze_model(model)
+    shapes = {f.name.split(".", 3)[3]: f.shape for f in rep.fused if f.name.startswith("model.layers.0.")}
+    assert shapes == {"mlp.gate.weight": (experts, d), "mlp.experts.gate_up_proj": (experts, 2 * ff, d),
+                      "mlp.experts.down_proj": (experts, d, ff)}
+    assert rep.fused_params == layers * (experts * d + experts * 2 * ff * d + experts * d * ff)
+    assert not rep.by_role()["mlp"]
+    names = [t.name for t in rep.suggested]
+    assert names == ["attention-only", "all-linear-without-head"], names
+    c = count_lora(model, ["q_proj", "v_proj"], 8, report=rep)
+    f = [x for x in c.findings if x.code == "fused_params"]
+    assert len(f) == 1 and f[0].severity == "warning" and "target_parameters" in f[0].message
+    assert f"{rep.fused_params:,} parameters" in f[0].message
+    # a dense model has none
+    assert analyze_model(build_meta_model(llama_config())).fused == ()
+
+
 def test_gpt_neox_roles_and_total():
     rep = analyze_model(build_meta_model(neox_config()))
     d, ff = NX_D, NX_FF
