@@ -16,20 +16,26 @@ from checks.failures import fail_check
 @pytest.fixture(scope="session")
 def model_config(model_source):
     """The plan's model config (``config.json`` from a local dir, the HF cache or the hub)."""
-    from kolora_probe.model_source import RemoteCodeRefused, load_config
+    from kolora_probe.model_source import ModelConfigError, RemoteCodeRefused, load_config
 
     try:
         return load_config(model_source)
     except RemoteCodeRefused as exc:
         fail_check("model config refused", exc)
+    except ModelConfigError as exc:
+        fail_check("model config unusable", exc)
 
 
 @pytest.fixture(scope="session")
 def structure_model(model_config):
     """The plan's model on the meta device with ties restored (do not modify: shared by the session)."""
     from kolora_probe.meta_model import build_meta_model
+    from kolora_probe.model_source import ModelConfigError
 
-    return build_meta_model(model_config)
+    try:
+        return build_meta_model(model_config)
+    except ModelConfigError as exc:
+        fail_check("model cannot be built", exc)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .model_source import ModelNotFound, RemoteCodeRefused
+from .model_source import ModelConfigError, ModelNotFound, RemoteCodeRefused
 from .plan import PlanError
 
 SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(f"kolora-probe {args.command}: plan error: {line}", file=sys.stderr)
         return 2
-    except (ModelNotFound, RemoteCodeRefused) as exc:
+    except (ModelNotFound, RemoteCodeRefused, ModelConfigError) as exc:
         print(f"kolora-probe {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

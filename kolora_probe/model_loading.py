@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model_source import ModelSource, RemoteCodeRefused, hub_offline, load_config, resolve_model_source
+from .model_source import ModelConfigError, ModelSource, RemoteCodeRefused, hub_offline, load_config, resolve_model_source
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -191,11 +191,15 @@ def load_model_from(source: ModelSource, dtype: str = "fp32") -> LoadedModel:
 
     try:
         config = load_config(source)
-    except RemoteCodeRefused as exc:
+    except (RemoteCodeRefused, ModelConfigError) as exc:
         raise ModelLoadError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{source.path / 'config.json'}: unreadable config ({str(exc).splitlines()[0][:200]}); "
                              f"re-save the model with save_pretrained()") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        from .meta_model import not_a_causal_lm
+
+        raise ModelLoadError(str(not_a_causal_lm(config)))
     fmt, files = find_weights(source)
     for f in files:
         if fmt == "safetensors":

@@ -18,6 +18,10 @@ class RemoteCodeRefused(ValueError):
     """The model needs its repository's own Python code (trust_remote_code), which kolora-probe refuses."""
 
 
+class ModelConfigError(ValueError):
+    """The model's ``config.json`` cannot be used (not JSON, unknown architecture, not a causal LM); one line."""
+
+
 @dataclass(frozen=True)
 class ModelSource:
     model_id: str                 # what the user asked for (hub id or directory)
@@ -86,7 +90,15 @@ def load_config(source: ModelSource):
 
     from transformers import AutoConfig
 
-    raw = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    path = source.path / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"{path} is not valid JSON ({exc}); fix: re-download it or write it with "
+                               f"save_pretrained()") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object; fix: re-download it or "
+                               f"write it with save_pretrained()")
     if "auto_map" in raw:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -97,14 +109,30 @@ def load_config(source: ModelSource):
                 f"trust_remote_code=True. Fix: use a model whose architecture transformers ships, or a converted copy")
     try:
         return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
-    except ValueError as exc:
+    except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
             raise RemoteCodeRefused(f"{source.model_id}: needs trust_remote_code=True, which kolora-probe refuses "
                                     f"({str(exc).splitlines()[0][:200]})") from None
-        raise
+        import transformers
+
+        model_type = raw.get("model_type")
+        if not model_type:
+            raise ModelConfigError(f"{path} has no model_type; fix: re-download it or write it with "
+                                   f"save_pretrained()") from None
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            raise ModelConfigError(
+                f"{path}: model_type {model_type!r} is not known to transformers {transformers.__version__}; fix: "
+                f"upgrade transformers (pip install -U transformers) or use a model whose architecture it "
+                f"ships") from None
+        first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        raise ModelConfigError(f"{path}: transformers {transformers.__version__} cannot read it ({first}); fix: "
+                               f"re-download it or write it with save_pretrained()") from None
 
 
 def resolve_config(model_id: str, revision: str = "main"):
-    """(ModelSource, PretrainedConfig) for ``model_id``. Raises ModelNotFound or RemoteCodeRefused (one line)."""
+    """(ModelSource, PretrainedConfig) for ``model_id``. Raises ModelNotFound, RemoteCodeRefused or
+    ModelConfigError (one line)."""
     source = resolve_model_source(model_id, revision)
     return source, load_config(source)

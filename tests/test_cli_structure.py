@@ -109,6 +109,29 @@ def test_missing_model_one_line_exit_2(tmp_path):
     assert p.returncode == 2 and "has no config.json" in our_lines(p.stderr, "analyze")[0]
 
 
+def test_unusable_config_one_line_exit_2(tmp_path):
+    import json
+
+    from transformers import T5Config
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text('{"model_type": "gpt2", ')
+    future = tmp_path / "future"
+    future.mkdir()
+    (future / "config.json").write_text(json.dumps({"model_type": "kolora-future-arch"}))
+    t5 = tmp_path / "t5"
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(t5)
+    for command, d, fragment in (("analyze", cut, f"{cut / 'config.json'} is not valid JSON"),
+                                 ("lora", future, "model_type 'kolora-future-arch' is not known to transformers"),
+                                 ("estimate", t5, "model_type 't5' (T5Config) is not a causal language model")):
+        p = cli(command, f"--model={d}")
+        assert p.returncode == 2 and p.stdout == "", (command, p.stdout, p.stderr)
+        (line,) = our_lines(p.stderr, command)
+        assert fragment in line and "fix" in line, line
+        assert "Traceback" not in p.stderr
+
+
 def test_cli_help_path_imports_no_torch():
     code = ("import sys; from kolora_probe import cli; cli.build_parser(); "
             "print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))")

@@ -220,6 +220,36 @@ def test_case2_config_json_missing(model_zoo, baseline, tmp_path):
     assert_isolated_failure(run, baseline, "test_model.py::test_model_found", "has no config.json", MODEL_FAMILIES)
 
 
+@pytest.mark.parametrize("broken, fragment", [
+    ("not-json", "is not valid JSON"),
+    ("unknown-model-type", "is not known to transformers"),
+    ("not-a-causal-lm", "is not a causal language model"),
+])
+def test_case2_unusable_config_json(model_zoo, baseline, tmp_path, broken, fragment):
+    import shutil
+
+    d = tmp_path / broken
+    shutil.copytree(model_zoo.tiny, d)
+    cfg = d / "config.json"
+    if broken == "not-json":
+        cfg.write_text(cfg.read_text()[:40])                   # a cut-off download
+    elif broken == "unknown-model-type":
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_type": "kolora-future-arch",
+                                   "architectures": ["FutureForCausalLM"]}))
+    else:
+        from transformers import T5Config                      # an encoder-decoder: no causal-LM class
+
+        cfg.unlink()
+        T5Config(d_model=64, num_layers=2, num_heads=2, d_ff=128, vocab_size=1600).save_pretrained(d)
+    run = run_gate(d, tmp_path / "r")
+    assert_isolated_failure(run, baseline, "test_structure.py::test_adaptable_layers_found", fragment,
+                            MODEL_FAMILIES)
+    msg = run.outcome("test_structure.py::test_adaptable_layers_found")["message"]
+    assert str(cfg) in msg or broken == "not-a-causal-lm", msg
+    assert fragment in run.outcome("test_model.py::test_weights_load")["message"]
+    assert run.outcome("test_tokenizer.py::test_korean_round_trip_lossless")["outcome"] == "passed"
+
+
 def test_case2_no_tokenizer_files(model_zoo, baseline, tmp_path):
     run = run_gate(model_zoo.no_tokenizer, tmp_path)
     assert_isolated_failure(run, baseline, "test_tokenizer.py::test_special_tokens_in_vocab", "no tokenizer files in",
