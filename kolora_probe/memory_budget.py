@@ -122,16 +122,27 @@ def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: Memor
     trace cannot run (or ``max_traces`` are spent) the best bound known so far is kept."""
     from .memory_trace import trace_step
 
+    peaks: dict[int, int] = {shape.batch_size: est.predicted_peak_bytes}
     known: dict[int, bool] = {shape.batch_size: est.predicted_peak_bytes <= budget_bytes}
 
     def fits(b: int) -> bool:
         if b not in known:
             if len(known) > max_traces:
                 raise RuntimeError("trace budget spent")
-            known[b] = trace_step(config, shape.with_(batch_size=b)).predicted_peak_bytes <= budget_bytes
+            peaks[b] = trace_step(config, shape.with_(batch_size=b)).predicted_peak_bytes
+            known[b] = peaks[b] <= budget_bytes
         return known[b]
 
     try:
+        # The peak is close to linear in the batch size: a line through the plan's trace and one at the guess
+        # (the closed form's slope is not the trace's when its fixed part is off) lands on the boundary.
+        b0 = shape.batch_size
+        b1 = guess if guess >= 1 and guess != b0 else b0 + 1
+        if b1 <= MAX_SEARCH_BATCH:
+            fits(b1)
+            slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
+            if slope > 0:
+                guess = max(0, min(MAX_SEARCH_BATCH, int((budget_bytes - peaks[b0]) // slope) + b0))
         if guess < 1:
             return 1 if fits(1) else 0
         if fits(guess):
