@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_analyze import fail, grouped_rows, layer_table
+from .cli_analyze import fail, grouped_rows, layer_table, table
 
 HELP = "count LoRA trainable parameters for --targets/--r (analytic and PEFT) and report the consequences"
 
@@ -25,7 +25,18 @@ def _expected_applies(args: argparse.Namespace) -> bool:
     """The plan's expected count is compared when given explicitly, or when the plan's LoRA shape is unchanged."""
     if getattr(args, "plan_expected_trainable", None) is not None:
         return True
-    return all(getattr(args, d, None) is None for d in ("plan_targets", "plan_r"))
+    return all(getattr(args, d, None) is None for d in ("plan_targets", "plan_r", "plan_target_parameters"))
+
+
+def parameter_table(rows) -> str:
+    """LoRA on weight tensors (PEFT target_parameters), one row per name pattern."""
+    from .cli_analyze import pattern
+
+    groups: dict[tuple, list[int]] = {}
+    for p in rows:
+        groups.setdefault((pattern(p.name), p.module_kind, "×".join(map(str, p.shape))), []).append(p.lora_params)
+    return table(["weight tensor (target_parameters)", "kind", "shape", "lora_params"],
+                 [[f"{pat} ×{len(ns)}", kind, shape, f"{sum(ns):,}"] for (pat, kind, shape), ns in groups.items()])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     lo = plan.lora
     try:
-        c = count_lora(build_meta_model(config), lo.target_modules, lo.r, lo.alpha, lo.bias, lo.modules_to_save)
+        c = count_lora(build_meta_model(config), lo.target_modules, lo.r, lo.alpha, lo.bias, lo.modules_to_save,
+                       target_parameters=lo.target_parameters)
     except TargetError as exc:
         return fail("lora", str(exc))
     expected = lo.expected_trainable_params if _expected_applies(args) else None
@@ -56,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"model: {plan.model.id} @ {plan.model.revision} ({source.kind}: {source.path})")
     print(f"LoRA: targets={list(c.targets)} r={c.r} alpha={c.alpha:g} bias={c.bias}"
-          + (f" modules_to_save={list(c.modules_to_save)}" if c.modules_to_save else ""))
+          + (f" modules_to_save={list(c.modules_to_save)}" if c.modules_to_save else "")
+          + (f" target_parameters={list(c.target_parameters)}" if c.target_parameters else ""))
     print()
     print(layer_table(grouped_rows(doc["modules"]), "lora_params"))
+    if c.parameters:
+        print()
+        print(parameter_table(c.parameters))
     print()
     print(f"trainable parameters: {c.trainable_params:,} (analytic: LoRA {c.lora_params:,}"
           + (f" + bias {c.bias_params:,}" if c.bias_params else "")

@@ -17,15 +17,17 @@ def is_all_linear(targets: Sequence[str]) -> bool:
 
 
 def peft_lora_config(target_modules: Sequence[str], r: int, alpha: float, dropout: float, bias: str = "none",
-                     modules_to_save: Sequence[str] = (), fan_in_fan_out: bool = False) -> Any:
+                     modules_to_save: Sequence[str] = (), fan_in_fan_out: bool = False,
+                     target_parameters: Sequence[str] = ()) -> Any:
     """``peft.LoraConfig`` (task ``CAUSAL_LM``) for these settings.
 
     ``fan_in_fan_out=True`` when the targets are transformers ``Conv1D`` layers (weight stored in×out, e.g. GPT-2);
-    left False, PEFT switches it on for each Conv1D layer itself, with a warning.
+    left False, PEFT switches it on for each Conv1D layer itself, with a warning. ``target_parameters`` names
+    weight tensors of modules LoRA cannot wrap (mixture-of-experts ``experts.gate_up_proj``): PEFT's ParamWrapper.
     """
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias,
                       target_modules=ALL_LINEAR if is_all_linear(target_modules) else list(target_modules),
                       modules_to_save=list(modules_to_save) or None, task_type="CAUSAL_LM",
-                      fan_in_fan_out=fan_in_fan_out)
+                      fan_in_fan_out=fan_in_fan_out, target_parameters=list(target_parameters) or None)

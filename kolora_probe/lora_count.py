@@ -57,6 +57,45 @@ class ModuleCount:
 
 
 @dataclass(frozen=True)
+class ParameterCount:
+    """LoRA on one weight tensor through PEFT's ``target_parameters`` (``lora.ParamWrapper``). A 3-D tensor of
+    ``E`` experts stored (E, out, in) gets A of (r·E) × in and B of out × (r·E): ``r·E·(in + out)``."""
+    name: str
+    module_kind: str
+    shape: tuple[int, ...]
+    lora_params: int
+
+
+def lora_params_of_tensor(shape: Sequence[int], r: int) -> int:
+    """LoRA parameters PEFT adds for one targeted weight tensor (2-D: out × in; 3-D: experts × out × in)."""
+    if len(shape) == 2:
+        return r * (shape[0] + shape[1])
+    if len(shape) == 3:
+        return r * shape[0] * (shape[1] + shape[2])
+    raise TargetError(f"a {len(shape)}-D weight tensor cannot be adapted by LoRA; fix [lora].target_parameters")
+
+
+def resolve_target_parameters(report: StructureReport, target_parameters: Sequence[str]) -> tuple[TargetMatch, ...]:
+    """Match each ``target_parameters`` entry like PEFT (full parameter name or dotted suffix) against the weight
+    tensors held by modules LoRA cannot wrap. Raises TargetError naming the candidates."""
+    problems: list[str] = []
+    matches: list[TargetMatch] = []
+    names = [f.name for f in report.fused]
+    for t in (x.strip() for x in target_parameters):
+        hit = tuple(n for n in names if matches_target(n, t))
+        if not hit:
+            cands = sorted({".".join(n.split(".")[-2:]) for n in names})
+            close = difflib.get_close_matches(t, cands, n=5, cutoff=0.6)
+            problems.append(f"target parameter {t!r} matches no weight tensor outside adaptable layers; " + (
+                f"close names: {', '.join(close)}" if close else
+                (f"candidates: {', '.join(cands)}" if cands else "this model has none (use target_modules)")))
+        matches.append(TargetMatch(t, hit))
+    if problems:
+        raise TargetError("; ".join(problems) + "; fix [lora].target_parameters or --target-parameters")
+    return tuple(matches)
+
+
+@dataclass(frozen=True)
 class LoraCount:
     targets: tuple[str, ...]
     r: int
@@ -75,6 +114,8 @@ class LoraCount:
     findings: tuple[Finding, ...]
     adapter_bytes: int              # approximate size of the saved adapter (incl. a saved embedding when tied)
     peft_warnings: tuple[str, ...] = field(default=())
+    target_parameters: tuple[str, ...] = ()
+    parameters: tuple[ParameterCount, ...] = ()   # LoRA on weight tensors (PEFT target_parameters)
 
     @property
     def all_params(self) -> int:
@@ -111,6 +152,9 @@ class LoraCount:
                          "bias_params": m.bias_params} for m in self.modules],
             "findings": [{"code": f.code, "severity": f.severity, "message": f.message} for f in self.findings],
             "peft_warnings": list(self.peft_warnings),
+            "target_parameters": list(self.target_parameters),
+            "parameters": [{"name": p.name, "kind": p.module_kind, "shape": list(p.shape),
+                            "lora_params": p.lora_params} for p in self.parameters],
         }
 
 
@@ -187,7 +231,7 @@ def _mb(n_bytes: int) -> str:
 
 
 def _findings(report: StructureReport, model: Any, targeted: list[Layer], matches: tuple[TargetMatch, ...],
-              lora_params: int) -> tuple[list[Finding], int]:
+              lora_params: int, targeted_params: frozenset[str] = frozenset()) -> tuple[list[Finding], int]:
     findings: list[Finding] = []
     params = dict(model.named_parameters(remove_duplicate=False))
     targeted_names = {l.name for l in targeted}
@@ -240,14 +284,16 @@ def _findings(report: StructureReport, model: Any, targeted: list[Layer], matche
                 findings.append(Finding("partial_kind", "info", (
                     f"target {m.target!r} matches {k} of {total} layers named {leaf!r} "
                     f"(not e.g. {missed}); use {leaf!r} to adapt all of them")))
-    if report.fused:
-        f0 = max(report.fused, key=lambda f: f.numel)
-        share = 100.0 * report.fused_params / report.total_params if report.total_params else 0.0
+    frozen = [f for f in report.fused if f.name not in targeted_params]
+    if frozen:
+        f0 = max(frozen, key=lambda f: f.numel)
+        n_frozen = sum(f.numel for f in frozen)
+        share = 100.0 * n_frozen / report.total_params if report.total_params else 0.0
         findings.append(Finding("fused_params", "warning" if share >= 10 else "info", (
-            f"{report.fused_params:,} parameters ({share:.1f} % of the model) sit in {len(report.fused)} weight "
+            f"{n_frozen:,} parameters ({share:.1f} % of the model) sit in {len(frozen)} weight "
             f"tensor(s) that target_modules cannot reach (e.g. {f0.name}, {f0.module_kind} "
             f"{'×'.join(map(str, f0.shape))}): this adapter leaves them frozen; PEFT adapts them only through "
-            f"LoraConfig(target_parameters=[...])")))
+            f"LoraConfig(target_parameters=[...]): [lora].target_parameters or --target-parameters")))
     adapter = lora_params * LORA_ADAPTER_BYTES_PER_PARAM + extra_bytes
     findings.append(Finding("adapter_size", "info", (
         f"saved adapter ≈ {_mb(adapter)} ({lora_params:,} LoRA parameters in fp32"
@@ -257,7 +303,8 @@ def _findings(report: StructureReport, model: Any, targeted: list[Layer], matche
 
 def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None = None, bias: str = "none",
                modules_to_save: Sequence[str] = (), *, report: StructureReport | None = None,
-               peft_model_factory: Callable[[], Any] | None = None) -> LoraCount:
+               peft_model_factory: Callable[[], Any] | None = None,
+               target_parameters: Sequence[str] = ()) -> LoraCount:
     """Analytic LoRA count on ``model`` (meta-device or loaded; not modified), checked with PEFT.
 
     ``peft_model_factory`` builds a fresh model for ``get_peft_model`` (PEFT replaces layers in place); by default
@@ -308,23 +355,29 @@ def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None =
 
     rows = tuple(ModuleCount(l.name, l.kind, l.in_features, l.out_features, l.role, r, lora_params_of(l, r),
                              per_bias.get(l.name, 0)) for l in targeted)
-    lora_total = sum(m.lora_params for m in rows)
+    target_parameters = tuple(t.strip() for t in target_parameters)
+    pmatches = resolve_target_parameters(report, target_parameters)
+    pnames = {n for m in pmatches for n in m.modules}
+    prow = tuple(ParameterCount(f.name, f.module_kind, f.shape, lora_params_of_tensor(f.shape, r))
+                 for f in report.fused if f.name in pnames)
+    lora_total = sum(m.lora_params for m in rows) + sum(p.lora_params for p in prow)
     trainable = lora_total + bias_params + mts_params
 
-    findings, adapter_bytes = _findings(report, model, targeted, matches, lora_total)
+    findings, adapter_bytes = _findings(report, model, targeted, matches, lora_total, frozenset(pnames))
 
     peft_trainable = peft_all = None
     peft_warnings: tuple[str, ...] = ()
     fresh = peft_model_factory() if peft_model_factory is not None else _fresh_meta(model)
     if fresh is not None:
         peft_trainable, peft_all, peft_warnings = peft_count(fresh, targets, r, alpha, bias, modules_to_save,
-                                                             conv1d=any(l.kind == CONV1D for l in targeted))
+                                                             conv1d=any(l.kind == CONV1D for l in targeted),
+                                                             target_parameters=target_parameters)
     return LoraCount(targets=targets, r=r, alpha=alpha, bias=bias, modules_to_save=modules_to_save,
                      matches=matches, modules=rows, lora_params=lora_total, bias_params=bias_params,
                      modules_to_save_params=mts_params, trainable_params=trainable,
                      total_params=report.total_params, peft_trainable_params=peft_trainable,
                      peft_all_params=peft_all, findings=tuple(findings), adapter_bytes=adapter_bytes,
-                     peft_warnings=peft_warnings)
+                     peft_warnings=peft_warnings, target_parameters=target_parameters, parameters=prow)
 
 
 def _fresh_meta(model: Any) -> Any:
@@ -337,7 +390,8 @@ def _fresh_meta(model: Any) -> Any:
 
 
 def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: str = "none",
-               modules_to_save: Sequence[str] = (), conv1d: bool = False) -> tuple[int, int, tuple[str, ...]]:
+               modules_to_save: Sequence[str] = (), conv1d: bool = False,
+               target_parameters: Sequence[str] = ()) -> tuple[int, int, tuple[str, ...]]:
     """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place.
 
     Dropout is 0: it adds no parameters, so the count does not depend on it."""
@@ -345,7 +399,8 @@ def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: s
 
     from .lora_config import peft_lora_config
 
-    config = peft_lora_config(targets, r, alpha, 0.0, bias, modules_to_save, fan_in_fan_out=conv1d)
+    config = peft_lora_config(targets, r, alpha, 0.0, bias, modules_to_save, fan_in_fan_out=conv1d,
+                              target_parameters=target_parameters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         peft_model = get_peft_model(model, config)
@@ -363,4 +418,5 @@ def count_for_plan(plan: Any, model: Any = None, report: StructureReport | None 
 
         model = build_meta_model(load_config(resolve_model_source(plan.model.id, plan.model.revision)))
     lo = plan.lora
-    return count_lora(model, lo.target_modules, lo.r, lo.alpha, lo.bias, lo.modules_to_save, report=report)
+    return count_lora(model, lo.target_modules, lo.r, lo.alpha, lo.bias, lo.modules_to_save, report=report,
+                      target_parameters=lo.target_parameters)

@@ -204,7 +204,7 @@ def check_targets(config: Any, plan: Any, report: Any = None) -> str | None:
 
     ``report``: the model's :class:`~kolora_probe.structure.StructureReport` when the caller has it already
     (built from ``config`` on the meta device otherwise)."""
-    from .lora_count import TargetError, resolve_targets
+    from .lora_count import TargetError, resolve_target_parameters, resolve_targets
 
     if report is None:
         from .meta_model import build_meta_model
@@ -213,6 +213,7 @@ def check_targets(config: Any, plan: Any, report: Any = None) -> str | None:
         report = analyze_model(build_meta_model(config))
     try:
         resolve_targets(report, plan.lora.target_modules, plan.lora.modules_to_save)
+        resolve_target_parameters(report, plan.lora.target_parameters)
     except TargetError as exc:
         return str(exc)
     return None

@@ -66,6 +66,7 @@ class StepShape:
     lora_dropout: float = 0.05
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
+    target_parameters: tuple[str, ...] = ()
 
     @classmethod
     def from_plan(cls, plan: Any, batch_size: int | None = None, seq_len: int | None = None) -> "StepShape":
@@ -74,7 +75,8 @@ class StepShape:
                    weights_dtype=t.weights_dtype, quantization=t.quantization, double_quant=t.double_quant,
                    gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer, use_cache=t.use_cache,
                    targets=tuple(lo.target_modules), r=lo.r, alpha=lo.alpha, lora_dropout=lo.dropout,
-                   bias=lo.bias, modules_to_save=tuple(lo.modules_to_save))
+                   bias=lo.bias, modules_to_save=tuple(lo.modules_to_save),
+                   target_parameters=tuple(lo.target_parameters))
 
     def with_(self, **kw: Any) -> "StepShape":
         return replace(self, **kw)
@@ -82,7 +84,7 @@ class StepShape:
     def describe(self) -> str:
         return (f"b={self.batch_size} s={self.seq_len} {self.dtype} (weights {self.weights_dtype}) "
                 f"quant={self.quantization} gc={self.gradient_checkpointing} opt={self.optimizer} "
-                f"lora r={self.r} on {','.join(self.targets)}")
+                f"lora r={self.r} on {','.join(self.targets + self.target_parameters)}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
     if shape.gradient_checkpointing:
         _enable_checkpointing(model)
     config = peft_lora_config(shape.targets, shape.r, shape.alpha, shape.lora_dropout, shape.bias,
-                              shape.modules_to_save, fan_in_fan_out=_targets_conv1d(model, shape.targets))
+                              shape.modules_to_save, fan_in_fan_out=_targets_conv1d(model, shape.targets),
+                              target_parameters=shape.target_parameters)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with (torch.device("meta") if meta else contextlib.nullcontext()):

@@ -48,6 +48,7 @@ class LoraSpec:
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     expected_trainable_params: int | None = None
+    target_parameters: tuple[str, ...] = ()   # PEFT target_parameters: weight tensors of modules LoRA cannot wrap
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ SCHEMA: dict[str, dict[str, tuple[Validator, str]]] = {
         "target_modules": _str_list(nonempty=True),
         "bias": _choice(BIASES),
         "modules_to_save": _str_list(nonempty=False),
+        "target_parameters": _str_list(nonempty=False),
         "expected_trainable_params": ((lambda v: _is_int(v) and v >= 0), "an integer >= 0"),
     },
     "training": {
@@ -193,7 +195,17 @@ def _validate(data: Mapping[str, Any], where: str) -> list[str]:
         for key, value in section.items():
             if key in keys and not keys[key][0](value):
                 errors.append(f"{where}: {table}.{key} = {value!r} is invalid; expected {keys[key][1]}")
-    return errors
+    return errors or _cross_field(data, where)
+
+
+def _cross_field(data: Mapping[str, Any], where: str) -> list[str]:
+    """Problems between keys that are each valid on their own."""
+    lora = data.get("lora", {})
+    if lora.get("target_parameters") and lora.get("dropout", 0) != 0:
+        return [f"{where}: lora.target_parameters needs lora.dropout = 0 (PEFT's ParamWrapper, which adapts weight "
+                f"tensors, has no dropout; lora.dropout = {lora.get('dropout')!r}); set [lora].dropout = 0 "
+                f"(or --lora-dropout 0) or remove target_parameters"]
+    return []
 
 
 def _build(data: Mapping[str, Any], source: str) -> Plan:
@@ -261,6 +273,7 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
             errors.append(f"{option_names.get(dotted, dotted)} {value!r} is invalid; expected {allowed}")
             continue
         data[table][key] = value
+    errors = errors or _cross_field(data, plan.source + (" + command-line overrides" if overrides else ""))
     if errors:
         raise PlanError(errors)
     return _build(data, plan.source + (" + command-line overrides" if overrides else ""))

@@ -34,6 +34,9 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--revision", "model.revision", str, "hub revision (overrides [model].revision)"),
     PlanOption("--tokenizer-class", "model.tokenizer_class", str, "tokenizer class (overrides [model].tokenizer_class)"),
     PlanOption("--targets", "lora.target_modules", _csv, "comma-separated LoRA target modules (overrides [lora].target_modules)"),
+    PlanOption("--target-parameters", "lora.target_parameters", _csv,
+               "comma-separated weight tensors to adapt with PEFT's target_parameters, e.g. experts.gate_up_proj "
+               "(overrides [lora].target_parameters)"),
     PlanOption("--r", "lora.r", int, "LoRA rank (overrides [lora].r)"),
     PlanOption("--alpha", "lora.alpha", float, "LoRA alpha (overrides [lora].alpha)"),
     PlanOption("--lora-dropout", "lora.dropout", float, "LoRA dropout (overrides [lora].dropout)"),

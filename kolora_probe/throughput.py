@@ -352,7 +352,8 @@ def lora_config_for(plan: Any) -> Any:
     from .lora_config import peft_lora_config
 
     lo = plan.lora
-    return peft_lora_config(lo.target_modules, lo.r, lo.alpha, lo.dropout, lo.bias, lo.modules_to_save)
+    return peft_lora_config(lo.target_modules, lo.r, lo.alpha, lo.dropout, lo.bias, lo.modules_to_save,
+                            target_parameters=lo.target_parameters)
 
 
 def lora_copy(model: Any, plan: Any) -> Any:

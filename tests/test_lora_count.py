@@ -187,3 +187,31 @@ def test_all_linear_shorthand_excludes_the_head_like_peft(ko):
     c = _count(ko, ["all-linear"])
     assert c.trainable_params == c.peft_trainable_params == 2_359_296          # = c_attn + c_proj + c_fc
     assert "lm_head" not in {m.name for m in c.modules} and len(c.modules) == 4 * KO_LAYERS
+
+
+def test_moe_expert_tensors_through_target_parameters_hand_count_equals_peft():
+    """LoRA on Mixtral's fused expert tensors (E, out, in) via PEFT's target_parameters: A is (r·E) × in and B is
+    out × (r·E), so r·E·(in + out) per tensor; the router weight (E, d) is a plain 2-D tensor: r·(E + d)."""
+    from transformers import MixtralConfig
+
+    d, ff, experts, layers, r = 64, 96, 4, 2, 8
+    cfg = MixtralConfig(vocab_size=100, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    model = build_meta_model(cfg)
+    q = r * (d + d)
+    gate_up = r * experts * (d + 2 * ff)
+    down = r * experts * (ff + d)
+    c = count_lora(model, ["q_proj"], r, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    assert c.trainable_params == layers * (q + gate_up + down) == c.peft_trainable_params
+    assert {p.name.split(".", 3)[3]: p.lora_params for p in c.parameters if ".0." in p.name} == {
+        "mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
+    assert [f.code for f in c.findings if f.code == "fused_params"] == ["fused_params"]   # the router stays
+    with_router = count_lora(model, ["q_proj"], r,
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"])
+    assert with_router.trainable_params == layers * (q + gate_up + down + r * (experts + d))
+    assert with_router.agrees_with_peft and not [f for f in with_router.findings if f.code == "fused_params"]
+    with pytest.raises(TargetError) as info:
+        count_lora(model, ["q_proj"], r, target_parameters=["experts.gate_proj"])
+    assert "target parameter 'experts.gate_proj' matches no weight tensor" in str(info.value)
+    assert "close names: experts.gate_up_proj" in str(info.value) and "--target-parameters" in str(info.value)

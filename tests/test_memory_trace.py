@@ -187,3 +187,22 @@ def test_a_trace_that_fails_falls_back_to_the_closed_form_with_the_reason(monkey
     e = estimate(llama_config(), StepShape(batch_size=1, seq_len=8, targets=("q_proj",)), "trace")
     assert e.method == "closed_form" and e.predicted_peak_bytes > 0
     assert any("trace failed (RuntimeError: aten::foo has no fake kernel)" in n for n in e.notes), e.notes
+
+
+def test_moe_target_parameters_are_traced():
+    """LoRA on Mixtral's expert tensors (PEFT target_parameters) is part of the traced step: the fp32 LoRA
+    weights are q_proj's plus r·E·(in + out) per expert tensor, by hand."""
+    from transformers import MixtralConfig
+
+    d, ff, experts, layers, r = 64, 96, 4, 2, 8
+    cfg = MixtralConfig(vocab_size=100, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                        max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    shape = StepShape(batch_size=2, seq_len=16, dtype="bf16", weights_dtype="bf16", targets=("q_proj",), r=r,
+                      lora_dropout=0.0, target_parameters=("experts.gate_up_proj", "experts.down_proj"))
+    e = trace_step(cfg, shape)
+    lora = layers * (r * (d + d) + r * experts * (d + 2 * ff) + r * experts * (ff + d))
+    assert e.components["lora_weights"] >= lora * 4
+    assert e.components["lora_weights"] <= lora * 4 + layers * 3 * 2 * 512    # 512-byte rounding per A and B
+    plain = trace_step(cfg, shape.with_(target_parameters=()))
+    assert e.predicted_peak_bytes > plain.predicted_peak_bytes

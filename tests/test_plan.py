@@ -117,3 +117,20 @@ def _parse(dest, got):
         return None
     opt = next(o for o in PLAN_OPTIONS if o.dest == dest)
     return _safe(opt.convert, opt.flag)(raw)
+
+
+def test_target_parameters_need_zero_dropout(tmp_path):
+    """PEFT's ParamWrapper (LoRA on weight tensors such as MoE experts) refuses lora_dropout != 0."""
+    text = VALID.replace('target_modules = ["q_proj", "v_proj"]',
+                         'target_modules = ["q_proj"]\ntarget_parameters = ["experts.gate_up_proj"]')
+    p = write(tmp_path, text)
+    with pytest.raises(PlanError) as info:
+        load_plan(p)
+    (line,) = info.value.lines
+    assert line.startswith(f"{p}: lora.target_parameters needs lora.dropout = 0") and "0.05" in line
+    plan = load_plan(write(tmp_path, text.replace("dropout = 0.05", "dropout = 0")))
+    assert plan.lora.target_parameters == ("experts.gate_up_proj",)
+    with pytest.raises(PlanError) as info:
+        apply_overrides(plan, {"lora.dropout": 0.1}, {"lora.dropout": "--lora-dropout"})
+    assert "command-line overrides: lora.target_parameters needs lora.dropout = 0" in str(info.value)
+    assert load_plan(write(tmp_path, VALID)).lora.target_parameters == ()
