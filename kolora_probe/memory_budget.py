@@ -105,7 +105,11 @@ def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:
     lo, hi = 1, 2
     while hi <= hi_limit and fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, hi_limit + 1)
+    return _bisect(fits, lo, min(hi, hi_limit + 1))
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest n in [lo, hi) with fits(n), given fits(lo) (or lo == 0) and not fits(hi); monotonic fits."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
@@ -117,9 +121,10 @@ def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:
 
 def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: MemoryEstimate, guess: int,
                     max_traces: int = 8) -> int:
-    """The largest batch size whose *trace* fits, starting from the closed form's ``guess``: the guess is checked
-    together with guess + 1, and the boundary is searched with traces only when they disagree with it. Where a
-    trace cannot run (or ``max_traces`` are spent) the best bound known so far is kept."""
+    """The largest batch size whose *trace* fits. A trace at the closed form's ``guess`` and the plan's own trace
+    give a line (secant) whose crossing of the budget is checked together with one more; the boundary is searched
+    with traces only when they disagree with it. Where a trace cannot run (or ``max_traces`` are spent) the best
+    bound known so far is kept."""
     from .memory_trace import trace_step
 
     peaks: dict[int, int] = {shape.batch_size: est.predicted_peak_bytes}
@@ -158,13 +163,7 @@ def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: Memor
             while hi - step >= 1 and not fits(hi - step):   # the closed form was optimistic: gallop down
                 hi, step = hi - step, step * 2
             lo = max(hi - step, 0)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return _bisect(fits, lo, hi)
     except Exception:  # noqa: BLE001 - keep the best bound known: the largest size a trace confirmed, else the guess
         confirmed = [b for b, ok in known.items() if ok]
         return max(confirmed) if confirmed else (0 if known.get(guess) is False else guess)
