@@ -9,13 +9,15 @@ pytestmark = pytest.mark.cpu
 
 
 def test_every_target_matches(plan, structure_report, evidence):
-    """Each [lora].target_modules name matches at least one adaptable layer (PEFT's suffix rule)."""
-    from kolora_probe.lora_count import TargetError, resolve_targets
+    """Each [lora].target_modules name matches at least one adaptable layer (PEFT's suffix rule), and each
+    [lora].target_parameters name at least one weight tensor of a module LoRA cannot wrap."""
+    from kolora_probe.lora_count import TargetError, resolve_target_parameters, resolve_targets
 
     try:
         matches = resolve_targets(structure_report, plan.lora.target_modules, plan.lora.modules_to_save)
+        matches += resolve_target_parameters(structure_report, plan.lora.target_parameters)
     except TargetError as exc:
-        evidence("target_modules", list(plan.lora.target_modules))
+        evidence("target_modules", list(plan.lora.target_modules) + list(plan.lora.target_parameters))
         pytest.fail(str(exc), pytrace=False)
     evidence("target_matches", {m.target: len(m.modules) for m in matches})
 
@@ -28,6 +30,8 @@ def test_analytic_count_equals_peft(lora_count, evidence):
     evidence.html("LoRA module table", html_table(
         ["name", "kind", "in_features", "out_features", "role", "lora_params"],
         [[m.name, m.kind, m.in_features, m.out_features, m.role, m.lora_params] for m in c.modules]
+        + [[p.name, p.module_kind, p.shape[-1], "×".join(map(str, p.shape[:-1])), "target_parameters",
+            p.lora_params] for p in c.parameters]
         + [["total", "", "", "", "", c.trainable_params]]))
     assert c.peft_trainable_params == c.trainable_params, (
         f"PEFT counts {c.peft_trainable_params:,} trainable parameters but the analytic count is "

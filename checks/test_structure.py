@@ -14,6 +14,12 @@ def test_adaptable_layers_found(plan, structure_report, evidence):
     evidence.html("module table", html_table(
         ["name", "kind", "in_features", "out_features", "role", "tied with"],
         [[l.name, l.kind, l.in_features, l.out_features, l.role, ", ".join(l.tied_with)] for l in rep.layers]))
+    if rep.fused:
+        evidence("fused_params", rep.fused_params, unit="parameters",
+                 note="weight tensors target_modules cannot reach (e.g. mixture-of-experts); [lora].target_parameters")
+        evidence.html("weight tensors not reachable by target_modules", html_table(
+            ["name", "module", "shape", "parameters"],
+            [[f.name, f.module_kind, "×".join(map(str, f.shape)), f.numel] for f in rep.fused]))
     evidence.html("suggested target sets", html_table(
         ["set", "target_modules", "layers"], [[s.name, ", ".join(s.targets), s.modules] for s in rep.suggested]))
     body = roles["attention"] + roles["mlp"] + roles["other"]
