@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .lora_config import ALL_LINEAR
+from .lora_config import is_all_linear
 from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
 
 FIX = "fix [lora].target_modules or --targets"
@@ -189,7 +189,7 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
         raise TargetError(f"LoRA target list is empty; name at least one layer, e.g. "
                           f"{', '.join(report.suggested[0].targets) if report.suggested else 'lm_head'}; {FIX}")
     layer_names = [l.name for l in report.layers if not _excluded_by_modules_to_save(l.name, modules_to_save)]
-    if len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
+    if is_all_linear(targets):
         # PEFT's shorthand: every Linear/Conv1D layer except the output embedding (embeddings are not Linear)
         hit = tuple(n for n in layer_names if report.layer(n).kind != EMBEDDING and report.layer(n).role != "output_head")
         if not hit:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .structure import param_numel   # counts bitsandbytes' packed 4-bit values unpacked
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -49,10 +51,7 @@ def count_parameters(model) -> tuple[int, int]:
     """(total, trainable) parameter counts; a parameter shared by several modules counts once."""
     total = trainable = 0
     for p in model.parameters():  # nn.Module.parameters() already de-duplicates shared tensors
-        n = p.numel()
-        # bitsandbytes Params4bit store two 4-bit values per uint8 element
-        if getattr(p, "quant_state", None) is not None and p.dtype == torch.uint8:
-            n *= 2
+        n = param_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
