@@ -347,38 +347,19 @@ def make_batch(tokenizer: Callable[..., Any], texts: Sequence[str], batch_size: 
     return torch.tensor(ids, dtype=torch.long, device=device).view(batch_size, seq_len)
 
 
-def lora_config_for(plan: Any) -> Any:
-    """PEFT ``LoraConfig`` for the plan's ``[lora]`` table (causal LM; PEFT sets fan_in_fan_out for Conv1D)."""
-    from .lora_config import peft_lora_config
-
-    lo = plan.lora
-    return peft_lora_config(lo.target_modules, lo.r, lo.alpha, lo.dropout, lo.bias, lo.modules_to_save,
-                            target_parameters=lo.target_parameters)
-
-
 def lora_copy(model: Any, plan: Any) -> Any:
-    """A LoRA-wrapped deep copy of ``model`` set up like the plan (gradient checkpointing, no KV cache); the
-    shared model is left untouched. Non-reentrant checkpointing needs no ``enable_input_require_grads`` (which
-    would make autograd differentiate the whole network, down to the embeddings)."""
+    """A LoRA-wrapped deep copy of ``model`` set up like the plan (gradient checkpointing, KV cache, PEFT LoRA:
+    :func:`kolora_probe.memory_trace.add_lora`, the same set-up the memory trace uses); the shared model is left
+    untouched. Non-reentrant checkpointing needs no ``enable_input_require_grads`` (which would make autograd
+    differentiate the whole network, down to the embeddings)."""
     import copy
-    import warnings
 
-    from peft import get_peft_model
+    from .memory_trace import StepShape, add_lora
 
     clone = copy.deepcopy(model)
     if getattr(clone, "config", None) is not None:
         clone.config.use_cache = plan.training.use_cache
-    if plan.training.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(clone, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            clone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "fan_in_fan_out is set to False but the target module is Conv1D"
-        peft_model = get_peft_model(clone, lora_config_for(plan))
-    peft_model.train()
-    return peft_model
+    return add_lora(clone, StepShape.from_plan(plan))
 
 
 def optimizer_for(model: Any, name: str, lr: float = 1e-4) -> Any:
