@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{g.compute_capability[1]}, bf16 {g.bf16_supported}")
         if doc["cuda_unavailable_reason"]:
             print(f"  no GPU:   {doc['cuda_unavailable_reason']}")
-        print(f"NVML        " + (f"driver {n.driver_version}, CUDA driver {n.cuda_driver_version}, "
+        print("NVML        " + (f"driver {n.driver_version}, CUDA driver {n.cuda_driver_version}, "
                                  f"{len(n.devices)} device(s)" if n.available else f"unavailable: {n.error}"))
         print(f"bitsandbytes {b.version} " + (f"backends {', '.join(b.backends)}" if b.importable else f"({b.error})"))
         for name, v in facts.packages.items():

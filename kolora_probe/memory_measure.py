@@ -14,7 +14,6 @@ after the model and optimizer are dropped, ``gc.collect()`` and ``torch.cuda.emp
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -195,7 +194,7 @@ def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurem
     """Build the plan's model with LoRA on ``device``, run a warm-up step, then measure one step."""
     import torch
 
-    from .meta_model import torch_dtype
+    from .meta_model import autocast_for
 
     cuda = device.startswith("cuda")
     holder: dict[str, Any] = {}
@@ -211,8 +210,7 @@ def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurem
         holder["opt"] = opt = make_optimizer(model, shape, cuda=cuda, traced=False)
         vocab = int(getattr(model.config, "vocab_size", 100))
         holder["ids"] = ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len), device=device)
-        autocast = (torch.autocast(torch.device(device).type, dtype=torch_dtype(shape.dtype))
-                    if shape.dtype != "fp32" else contextlib.nullcontext())
+        autocast = autocast_for(device, shape.dtype)
 
         def step() -> None:
             with autocast:

@@ -454,7 +454,7 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .memory_emulation import cuda_like_kernels
-    from .meta_model import torch_dtype
+    from .meta_model import autocast_for
 
     t0 = time.perf_counter()
     block = CUDA_BLOCK if cuda else 1
@@ -479,8 +479,7 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
     if shape.optimizer == "adamw_8bit":
         resident_extra["optimizer_states"] = adamw8bit_state_bytes([p.numel() for p in trainable], block)
         notes.append("8-bit AdamW states added in closed form (bitsandbytes blockwise, 256-element blocks)")
-    autocast = (torch.autocast("cpu", dtype=torch_dtype(shape.dtype)) if shape.dtype != "fp32"
-                else contextlib.nullcontext())
+    autocast = autocast_for("cpu", shape.dtype)
 
     with contextlib.ExitStack() as stack:
         if cuda:

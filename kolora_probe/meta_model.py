@@ -18,6 +18,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def autocast_for(device, dtype: str):
+    """``torch.autocast`` on ``device``'s type for the plan's compute dtype (a no-op context for fp32)."""
+    import contextlib
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch_dtype(dtype))
+
+
 def build_meta_model(config, dtype: str = "fp32"):
     """Instantiate ``AutoModelForCausalLM`` for ``config`` on the meta device with tied weights restored."""
     from accelerate import init_empty_weights

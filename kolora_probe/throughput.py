@@ -376,18 +376,6 @@ def optimizer_for(model: Any, name: str, lr: float = 1e-4) -> Any:
     return torch.optim.AdamW(params, lr=lr)
 
 
-def autocast_for(device: Any, dtype: str) -> Any:
-    """``torch.autocast`` for the plan's compute dtype (a no-op context for fp32)."""
-    import contextlib
-
-    import torch
-
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    device_type = torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
 def synchronize(device: Any) -> None:
     import torch
 
@@ -397,6 +385,8 @@ def synchronize(device: Any) -> None:
 
 def train_step(model: Any, optimizer: Any, input_ids: Any, dtype: str = "fp32") -> float:
     """One causal-LM training step (forward with labels, backward, optimizer step); returns the loss."""
+    from .meta_model import autocast_for
+
     with autocast_for(input_ids.device, dtype):
         loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
@@ -409,6 +399,8 @@ def train_step(model: Any, optimizer: Any, input_ids: Any, dtype: str = "fp32") 
 def forward_pass(model: Any, input_ids: Any, dtype: str = "fp32") -> Any:
     """One inference forward (no grad) returning the logits, synchronised so it can be timed."""
     import torch
+
+    from .meta_model import autocast_for
 
     with torch.no_grad(), autocast_for(input_ids.device, dtype):
         logits = model(input_ids=input_ids, use_cache=False).logits
