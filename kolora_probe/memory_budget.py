@@ -5,7 +5,7 @@
 sequence length at the plan's batch size, up to the model's position limit) that fit. The search uses the closed
 form (instant, monotonic in both), scaled by trace / closed form at the plan's shape; with ``method="trace"`` the
 batch size found is then confirmed by traces at it and one above, and searched with traces where they disagree,
-so the reported batch size is the trace's own boundary. The sequence length comes from the scaled closed form.
+so the reported batch size is the trace's own boundary; the sequence length is searched the same way.
 """
 from __future__ import annotations
 
@@ -120,52 +120,53 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
 
 
 def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: MemoryEstimate, guess: int,
-                    max_traces: int = 8) -> int:
-    """The largest batch size whose *trace* fits. A trace at the closed form's ``guess`` and the plan's own trace
-    give a line (secant) whose crossing of the budget is checked together with one more; the boundary is searched
-    with traces only when they disagree with it. Where a trace cannot run (or ``max_traces`` are spent) the best
-    bound known so far is kept."""
+                    dim: str = "batch_size", limit: int = MAX_SEARCH_BATCH, max_traces: int = 8) -> int:
+    """The largest ``dim`` (batch_size or seq_len, up to ``limit``) whose *trace* fits. A trace at the closed
+    form's ``guess`` and the plan's own trace give a line (secant) whose crossing of the budget is checked together
+    with one more; the boundary is searched with traces only when they disagree with it. Where a trace cannot run
+    (or ``max_traces`` are spent) the best bound known so far is kept."""
     from .memory_trace import trace_step
 
-    peaks: dict[int, int] = {shape.batch_size: est.predicted_peak_bytes}
-    known: dict[int, bool] = {shape.batch_size: est.predicted_peak_bytes <= budget_bytes}
+    n0 = getattr(shape, dim)
+    peaks: dict[int, int] = {n0: est.predicted_peak_bytes}
+    known: dict[int, bool] = {n0: est.predicted_peak_bytes <= budget_bytes}
 
-    def fits(b: int) -> bool:
-        if b not in known:
+    def fits(n: int) -> bool:
+        if n not in known:
             if len(known) > max_traces:
                 raise RuntimeError("trace budget spent")
-            peaks[b] = trace_step(config, shape.with_(batch_size=b)).predicted_peak_bytes
-            known[b] = peaks[b] <= budget_bytes
-        return known[b]
+            peaks[n] = trace_step(config, shape.with_(**{dim: n})).predicted_peak_bytes
+            known[n] = peaks[n] <= budget_bytes
+        return known[n]
 
     try:
-        # The peak is close to linear in the batch size: a line through the plan's trace and one at the guess
-        # (the closed form's slope is not the trace's when its fixed part is off) lands on the boundary.
-        b0 = shape.batch_size
-        b1 = guess if guess >= 1 and guess != b0 else b0 + 1
-        if b1 <= MAX_SEARCH_BATCH:
-            fits(b1)
-            slope = (peaks[b1] - peaks[b0]) / (b1 - b0)
+        # The peak is close to linear in the batch size (and in the sequence length with O(s) attention): a line
+        # through the plan's trace and one at the guess (the closed form's slope is not the trace's when its fixed
+        # part is off) lands on or near the boundary.
+        n1 = guess if guess >= 1 and guess != n0 else n0 + 1
+        if n1 <= limit:
+            fits(n1)
+            slope = (peaks[n1] - peaks[n0]) / (n1 - n0)
             if slope > 0:
-                guess = max(0, min(MAX_SEARCH_BATCH, int((budget_bytes - peaks[b0]) // slope) + b0))
+                guess = max(0, min(limit, int((budget_bytes - peaks[n0]) // slope) + n0))
         if guess < 1:
             return 1 if fits(1) else 0
         if fits(guess):
             lo, hi = guess, guess + 1
             step = 1
-            while hi <= MAX_SEARCH_BATCH and fits(hi):     # the closed form was pessimistic: gallop up
+            while hi <= limit and fits(hi):                 # the guess was low: gallop up
                 lo, step = hi, step * 2
                 hi = lo + step
-            hi = min(hi, MAX_SEARCH_BATCH + 1)
+            hi = min(hi, limit + 1)
         else:
             lo, hi = 0, guess
             step = 1
-            while hi - step >= 1 and not fits(hi - step):   # the closed form was optimistic: gallop down
+            while hi - step >= 1 and not fits(hi - step):   # the guess was high: gallop down
                 hi, step = hi - step, step * 2
             lo = max(hi - step, 0)
         return _bisect(fits, lo, hi)
     except Exception:  # noqa: BLE001 - keep the best bound known: the largest size a trace confirmed, else the guess
-        confirmed = [b for b, ok in known.items() if ok]
+        confirmed = [n for n, ok in known.items() if ok]
         return max(confirmed) if confirmed else (0 if known.get(guess) is False else guess)
 
 
@@ -192,9 +193,12 @@ def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str
     max_s = _largest(lambda s: cf(shape.batch_size, s) * ratio <= budget_bytes, limit or 1 << 20)
     if est.method == "trace":
         max_b = _trace_boundary(config, shape, budget_bytes, est, max_b)
+        max_s = _trace_boundary(config, shape, budget_bytes, est, max_s, "seq_len", limit or 1 << 20)
     fits = est.predicted_peak_bytes <= budget_bytes
     if fits and max_b < shape.batch_size:   # the trace says it fits where the closed form did not
         max_b = shape.batch_size
+    if fits and max_s < shape.seq_len:
+        max_s = shape.seq_len
     return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
 
 

@@ -36,6 +36,9 @@ def test_max_batch_is_the_trace_boundary(ko):
     assert f"largest batch size that fits: {v.max_batch_size}" in msg and "does NOT fit" in msg
     assert "\n" not in msg
     assert 0 < v.max_seq_len < 512
+    s = v.max_seq_len   # the trace's own boundary too, at the plan's batch size
+    assert trace_step(ko, shape.with_(seq_len=s)).predicted_peak_bytes <= budget
+    assert trace_step(ko, shape.with_(seq_len=s + 1)).predicted_peak_bytes > budget
 
 
 @pytest.mark.parametrize("budget_mib", [40, 160])
@@ -55,6 +58,12 @@ def test_max_batch_is_the_trace_boundary_where_the_closed_form_is_off(budget_mib
     assert b >= 1
     assert trace_step(cfg, shape.with_(batch_size=b)).predicted_peak_bytes <= budget
     assert trace_step(cfg, shape.with_(batch_size=b + 1)).predicted_peak_bytes > budget
+    s = v.max_seq_len   # eager attention keeps b·h·s² scores: the peak is not linear in s, the search still lands
+    assert 1 <= s <= 512 == v.seq_limit
+    assert trace_step(cfg, shape.with_(seq_len=s)).predicted_peak_bytes <= budget
+    if s < 512:
+        assert trace_step(cfg, shape.with_(seq_len=s + 1)).predicted_peak_bytes > budget
+    assert (s < 512) == (budget_mib == 40)
 
 
 def test_generous_and_tiny_budgets(ko):
