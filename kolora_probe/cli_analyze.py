@@ -57,17 +57,21 @@ def layer_table(groups: list[dict[str, Any]], params_header: str) -> str:
                    f"{g['lora_params']:,}"] for g in groups])
 
 
+def tensor_groups(rows: Any) -> list[tuple[str, str, str, int]]:
+    """(name pattern ×count, module kind, shape, summed value) for (name, module kind, shape, value) rows."""
+    groups: dict[tuple, list[int]] = {}
+    for name, kind, shape, value in rows:
+        groups.setdefault((pattern(name), kind, "×".join(map(str, shape))), []).append(value)
+    return [(f"{pat} ×{len(vs)}", kind, shape, sum(vs)) for (pat, kind, shape), vs in groups.items()]
+
+
 def fused_note(rep: Any) -> str:
     """The weight matrices ``target_modules`` cannot reach (mixture-of-experts tensors, routers), by pattern."""
-    groups: dict[tuple, list[int]] = {}
-    for f in rep.fused:
-        key = (pattern(f.name), f.module_kind, "×".join(map(str, f.shape)))
-        groups.setdefault(key, []).append(f.numel)
     share = 100.0 * rep.fused_params / rep.total_params if rep.total_params else 0.0
     lines = [f"not reachable by target_modules: {rep.fused_params:,} parameters ({share:.1f} %) in weight tensors "
              f"held by modules LoRA cannot wrap (PEFT adapts them only through LoraConfig(target_parameters=...)):"]
-    for (pat, kind, shape), ns in groups.items():
-        lines.append(f"  {pat} ×{len(ns)}  {kind}  {shape}  {sum(ns):,} parameters")
+    for pat, kind, shape, n in tensor_groups((f.name, f.module_kind, f.shape, f.numel) for f in rep.fused):
+        lines.append(f"  {pat}  {kind}  {shape}  {n:,} parameters")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli_analyze import fail, grouped_rows, layer_table, table
+from .cli_analyze import fail, grouped_rows, layer_table, table, tensor_groups
 
 HELP = "count LoRA trainable parameters for --targets/--r (analytic and PEFT) and report the consequences"
 
@@ -30,13 +30,9 @@ def _expected_applies(args: argparse.Namespace) -> bool:
 
 def parameter_table(rows) -> str:
     """LoRA on weight tensors (PEFT target_parameters), one row per name pattern."""
-    from .cli_analyze import pattern
-
-    groups: dict[tuple, list[int]] = {}
-    for p in rows:
-        groups.setdefault((pattern(p.name), p.module_kind, "×".join(map(str, p.shape))), []).append(p.lora_params)
     return table(["weight tensor (target_parameters)", "kind", "shape", "lora_params"],
-                 [[f"{pat} ×{len(ns)}", kind, shape, f"{sum(ns):,}"] for (pat, kind, shape), ns in groups.items()])
+                 [[pat, kind, shape, f"{n:,}"] for pat, kind, shape, n in
+                  tensor_groups((p.name, p.module_kind, p.shape, p.lora_params) for p in rows)])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -85,14 +85,14 @@ def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = 
 
         try:
             return trace_step(config, shape)
-        except TraceUnsupported as exc:
+        except Exception as exc:  # noqa: BLE001 - TraceUnsupported, or an op fake tensors cannot run for this model
             est = closed_form(facts or model_facts(config, shape), shape)
-            return replace(est, notes=est.notes + (f"trace not possible ({exc}); closed form used",))
-        except Exception as exc:  # noqa: BLE001 - an op this model uses that fake tensors cannot run
-            est = closed_form(facts or model_facts(config, shape), shape)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            return replace(est, notes=est.notes + (
-                f"trace failed ({reason}); closed form used, not cross-checked by a trace",))
+            if isinstance(exc, TraceUnsupported):
+                note = f"trace not possible ({exc}); closed form used"
+            else:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                note = f"trace failed ({reason}); closed form used, not cross-checked by a trace"
+            return replace(est, notes=est.notes + (note,))
     t0 = time.perf_counter()
     est = closed_form(facts or model_facts(config, shape), shape)
     return replace(est, wall_s=time.perf_counter() - t0)

@@ -32,25 +32,25 @@ def build_meta_model(config, dtype: str = "fp32"):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
-    except ValueError as exc:
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        raise not_a_causal_lm(config) from None
+    require_causal_lm(config)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
     if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
                                                                  "tie_word_embeddings", False):
         model.tie_weights()
     return model
 
 
-def not_a_causal_lm(config):
-    """The one-line error for a config ``AutoModelForCausalLM`` has no class for (e.g. T5, an encoder)."""
+def require_causal_lm(config) -> None:
+    """Raise ModelConfigError (one line) when ``AutoModelForCausalLM`` has no class for ``config`` (e.g. T5)."""
+    from transformers import AutoModelForCausalLM
+
     from .model_source import ModelConfigError
 
+    if type(config) in AutoModelForCausalLM._model_mapping:
+        return
     names = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
-    return ModelConfigError(
+    raise ModelConfigError(
         f"model_type {getattr(config, 'model_type', '?')!r} ({names}) is not a causal language model: "
         f"transformers' AutoModelForCausalLM has no class for it, and LoRA/QLoRA causal-LM fine-tuning is what "
         f"kolora-probe validates; fix --model or [model].id to name a decoder (causal) LM")

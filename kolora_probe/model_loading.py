@@ -186,7 +186,7 @@ def load_model_from(source: ModelSource, dtype: str = "fp32") -> LoadedModel:
     """Verify and load the already resolved ``source`` as a causal LM on CPU. Raises ModelLoadError."""
     from transformers import AutoModelForCausalLM
 
-    from .meta_model import count_parameters, torch_dtype
+    from .meta_model import count_parameters, require_causal_lm, torch_dtype
     from .structure import ties_word_embeddings
 
     try:
@@ -196,10 +196,10 @@ def load_model_from(source: ModelSource, dtype: str = "fp32") -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{source.path / 'config.json'}: unreadable config ({str(exc).splitlines()[0][:200]}); "
                              f"re-save the model with save_pretrained()") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        from .meta_model import not_a_causal_lm
-
-        raise ModelLoadError(str(not_a_causal_lm(config)))
+    try:
+        require_causal_lm(config)
+    except ModelConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
     fmt, files = find_weights(source)
     for f in files:
         if fmt == "safetensors":

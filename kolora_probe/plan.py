@@ -273,10 +273,11 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
             errors.append(f"{option_names.get(dotted, dotted)} {value!r} is invalid; expected {allowed}")
             continue
         data[table][key] = value
-    errors = errors or _cross_field(data, plan.source + (" + command-line overrides" if overrides else ""))
+    source = plan.source + (" + command-line overrides" if overrides else "")
+    errors = errors or _cross_field(data, source)
     if errors:
         raise PlanError(errors)
-    return _build(data, plan.source + (" + command-line overrides" if overrides else ""))
+    return _build(data, source)
 
 
 def default_plan() -> Plan:
