@@ -130,6 +130,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     values, names = overrides_from(config.getoption)
     if values:
         lines.append("overrides: " + ", ".join(f"{names[k]}={v!r}" for k, v in values.items()))
+    lines += [f"note: {n}" for n in config.stash[PLAN_KEY].notes]
     return [redact_text(line) for line in lines]
 
 

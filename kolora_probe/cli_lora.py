@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     doc["model"] = {"id": plan.model.id, "revision": plan.model.revision, "source": source.kind,
                     "path": str(source.path)}
     doc["expected_trainable_params"] = expected
+    doc["notes"] = list(plan.notes)
     doc["ok"] = ok
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if expected is not None:
         print(f"expected (plan): {expected:,} — " + ("matches" if expected == c.trainable_params else
               f"MISMATCH (actual {c.trainable_params:,}); fix [lora].expected_trainable_params or the targets"))
+    for note in plan.notes:
+        print(f"note: {note}")
     print(f"adapter size: ≈ {c.adapter_bytes / 1e6:.1f} MB")
     if c.findings:
         print("findings:")

@@ -54,7 +54,7 @@ def test_analyze_table(ko_dir):
 
 
 def test_lora_default_plan_lm_head_json(ko_dir):
-    p = cli("lora", "--model", str(ko_dir), "--json")
+    p = cli("lora", "--model", str(ko_dir), "--expected-trainable=831488", "--json")
     assert p.returncode == 0, p.stdout + p.stderr
     d = json.loads(p.stdout)
     assert (d["total_params"], d["trainable_params"], d["peft_trainable_params"]) == (125_164_032, 831_488, 831_488)
@@ -64,6 +64,24 @@ def test_lora_default_plan_lm_head_json(ko_dir):
     assert d["modules"] == [{"name": "lm_head", "kind": "Linear", "in_features": 768, "out_features": 51200,
                              "role": "output_head", "lora_params": 831_488, "bias_params": 0}]
     assert "tied_target" in {f["code"] for f in d["findings"]}
+
+
+def test_lora_on_another_model_drops_the_plans_count_and_says_so(tmp_path):
+    """The default plan pins 831,488 for skt/kogpt2-base-v2's lm_head; on another --model it is not compared (exit
+    0, not MISMATCH), the note says why, and the count is still shown. --expected-trainable=none unsets it."""
+    from structure_configs import llama_config
+
+    cfg = llama_config()
+    other = save_config(cfg, tmp_path / "llama")
+    count = 16 * (cfg.hidden_size + cfg.vocab_size)                 # LoRA r=16 on lm_head (hidden → vocab)
+    p = cli("lora", "--model", str(other))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "MISMATCH" not in p.stdout and f"trainable parameters: {count:,}" in p.stdout
+    assert "note: lora.expected_trainable_params = 831,488 from " in p.stdout and f"--model {other}" in p.stdout
+    p = cli("lora", "--model", str(other), "--expected-trainable=none", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(p.stdout)
+    assert d["expected_trainable_params"] is None and d["ok"] is True and d["trainable_params"] == count
 
 
 def test_lora_c_attn_json(ko_dir):
@@ -77,7 +95,8 @@ def test_lora_c_attn_json(ko_dir):
 
 
 def test_lora_with_qlora_plan_file(ko_dir):
-    p = cli("lora", "--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--model", str(ko_dir))
+    p = cli("lora", "--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--model", str(ko_dir),
+            "--expected-trainable=2359296")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "trainable parameters: 2,359,296" in p.stdout
     assert "expected (plan): 2,359,296 — matches" in p.stdout and "agrees" in p.stdout
