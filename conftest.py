@@ -346,6 +346,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tmp.replace(out / "environment.json")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say once that the hub was unreachable and the run went offline after one probe."""
+    from kolora_probe.model_source import hub_status
+
+    status = hub_status(probe=False) if config.stash.get(ACTIVE_KEY, False) else None
+    if status is not None and not status.reachable:
+        terminalreporter.write_line(redact_text(f"kolora-probe: note: {status.describe()}"))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Last pass over the written reports: no secret value survives in any of them."""
