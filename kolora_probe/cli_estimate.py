@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)
+    from .plan_feasibility import first_gpu, plan_model_problems
+
+    problems = plan_model_problems(config, plan, plan.model.id, first_gpu())   # before anything is computed
+    if problems:
+        return fail("estimate", "plan cannot run on this model: " + "; ".join(problems))
     from .memory_budget import check_targets
 
     problem = check_targets(config, plan)
