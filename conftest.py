@@ -43,7 +43,7 @@ EXTRAS_KEY = pytest.StashKey[list]()
 STARTED_KEY = pytest.StashKey[float]()
 CUDA_REASON_KEY = pytest.StashKey[object]()
 FAMILY_OF = {  # check module → requirement family shown in the summary
-    "test_plan": "plan", "test_environment": "environment", "test_gpu": "gpu",
+    "test_plan": "plan", "test_plan_feasibility": "plan", "test_environment": "environment", "test_gpu": "gpu",
     "test_model": "model", "test_tokenizer": "tokenizer", "test_structure": "structure", "test_lora": "lora",
     "test_memory_budget": "memory", "test_benchmarks": "benchmarks", "test_monitor": "monitor",
 }

@@ -75,7 +75,7 @@ def test_estimate_and_gate_refuse_seq_len_beyond_the_limit(ko_dir, tmp_path):
     assert p.returncode == 2 and p.stdout == ""
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("kolora-probe estimate: plan cannot run on this model: training.seq_len = 2,048 exceeds")
-    run = run_suite("checks/test_plan.py", "checks/test_memory_budget.py", f"--model={ko_dir}", "--seq-len=2048",
+    run = run_suite("checks/test_plan_feasibility.py", "checks/test_memory_budget.py", f"--model={ko_dir}", "--seq-len=2048",
                     reports=tmp_path / "r")
     assert run.returncode == 1
     check = run.outcome("test_plan_runs_on_the_model")
