@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from checks.failures import fail_check, is_check_failure
-from kolora_probe import __version__
+from kolora_probe import __version__, strict_json
 from kolora_probe.plan import Plan, PlanError
 from kolora_probe.plan_options import add_plan_options, overrides_from, plan_from_options
 from kolora_probe.redact import redact, redact_text, secret_values
@@ -188,7 +188,7 @@ class Evidence:
         if note:
             row["note"] = note
         self._item.stash[EVIDENCE_KEY].append(row)
-        self._item.user_properties.append((name, json.dumps({k: v for k, v in row.items() if k != "name"},
+        self._item.user_properties.append((name, strict_json.dumps({k: v for k, v in row.items() if k != "name"},
                                                             ensure_ascii=False, default=str)))
 
     def html(self, title: str, content: str) -> None:
@@ -342,7 +342,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = redact(_run_document(config, int(exitstatus)))
     tmp = out / "environment.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.write_text(strict_json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     tmp.replace(out / "environment.json")
 
 

@@ -11,13 +11,14 @@
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kolora_probe import strict_json
 
 MONITOR_KEY = pytest.StashKey[tuple]()
 DEFAULT_INTERVAL_S = 0.2
@@ -154,7 +155,7 @@ class BenchmarkResults:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": self.entries}
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        tmp.write_text(strict_json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         tmp.replace(self.path)
 
 

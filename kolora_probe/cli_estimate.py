@@ -7,8 +7,8 @@ the model or the targets are invalid.
 from __future__ import annotations
 
 import argparse
-import json
 
+from . import strict_json
 from .cli_analyze import fail, table
 
 HELP = "predict the peak GPU memory of one LoRA/QLoRA training step and check it against the budget"
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     "path": str(source.path)}
     doc["plan"] = plan.source
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0 if v.fits else 1
 
     e = v.estimate

@@ -7,8 +7,8 @@ shape), 1 when they do not, 2 when the model cannot be found or the targets do n
 from __future__ import annotations
 
 import argparse
-import json
 
+from . import strict_json
 from .cli_analyze import fail, grouped_rows, layer_table, table, tensor_groups
 
 HELP = "count LoRA trainable parameters for --targets/--r (analytic and PEFT) and report the consequences"
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     doc["notes"] = list(plan.notes)
     doc["ok"] = ok
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0 if ok else 1
 
     print(f"model: {plan.model.id} @ {plan.model.revision} ({source.kind}: {source.path})")
