@@ -48,6 +48,36 @@ def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, time
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main``),
+    offline, in the repo root, with stdout/stderr captured: the same code, exit code and output as the console
+    script, without a new interpreter importing torch and transformers again (seconds per call on 2 cores). Each
+    CLI test module still runs one call as a real subprocess."""
+    import contextlib
+    import io
+
+    from huggingface_hub import constants
+
+    from kolora_probe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:          # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
+    return subprocess.CompletedProcess(["kolora-probe", *args], code, out.getvalue(), err.getvalue())
+
+
 def documented(fragment: str) -> None:
     """The README's "When a check fails" table lists this message fragment, so the section stays true."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

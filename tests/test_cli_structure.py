@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from structure_configs import kogpt2_config, save_config
+from suite_runner import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,10 +18,14 @@ def ko_dir(tmp_path_factory):
     return save_config(kogpt2_config(), tmp_path_factory.mktemp("kogpt2-config-only"))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([sys.executable, "-m", "kolora_probe", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args)
 
 
 def our_lines(stderr: str, command: str) -> list[str]:
@@ -54,7 +59,7 @@ def test_analyze_table(ko_dir):
 
 
 def test_lora_default_plan_lm_head_json(ko_dir):
-    p = cli("lora", "--model", str(ko_dir), "--expected-trainable=831488", "--json")
+    p = cli_subprocess("lora", "--model", str(ko_dir), "--expected-trainable=831488", "--json")   # the real entry point
     assert p.returncode == 0, p.stdout + p.stderr
     d = json.loads(p.stdout)
     assert (d["total_params"], d["trainable_params"], d["peft_trainable_params"]) == (125_164_032, 831_488, 831_488)

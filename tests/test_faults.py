@@ -199,6 +199,8 @@ def test_case1_model_id_not_found_offline(baseline, tmp_path):
                             MODEL_FAMILIES)
     msg = run.outcome("test_model.py::test_model_found")["message"]
     assert "HF cache" in msg and "hub: skipped (HF_HUB_OFFLINE is set)" in msg and "--model DIR" in msg
+    budget = run.outcome("test_predicted_peak_fits_budget")      # the memory check needs the model's config too
+    assert budget["outcome"] == "failed" and "not found" in budget["message"] and "HF_HUB_OFFLINE" in budget["message"]
 
 
 def test_case2_truncated_safetensors(model_zoo, baseline, tmp_path):
