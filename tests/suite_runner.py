@@ -48,11 +48,12 @@ def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, time
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, offline: bool = True) -> subprocess.CompletedProcess:
     """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main``),
     offline, in the repo root, with stdout/stderr captured: the same code, exit code and output as the console
     script, without a new interpreter importing torch and transformers again (seconds per call on 2 cores). Each
-    CLI test module still runs one call as a real subprocess."""
+    CLI test module still runs one call as a real subprocess. ``offline=False`` leaves huggingface_hub's settings
+    as the caller made them."""
     import contextlib
     import io
 
@@ -62,7 +63,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
-    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    if offline:
+        constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
     try:
         with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

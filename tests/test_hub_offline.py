@@ -3,16 +3,13 @@ error shown whole, said once. "Unreachable" is a closed port on 127.0.0.1 (HF_EN
 unset for these tests only; nothing here touches the real network."""
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from structure_configs import kogpt2_config, save_config
-from suite_runner import run_suite
+from suite_runner import run_cli, run_suite
 from test_model_cache import _fake_hf_cache
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,29 +86,25 @@ def test_unreachable_hub_is_probed_once_without_retries(unreachable_hub, monkeyp
         assert status.reason.startswith("ConnectError: ") and "refused" in status.reason.lower()
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env}
-    full.pop("HF_HUB_OFFLINE", None)
-    full.pop("TRANSFORMERS_OFFLINE", None)
-    return subprocess.run([sys.executable, "-m", "kolora_probe", *args], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_cli_on_a_local_dir_or_a_cached_id_never_asks_the_hub(tmp_path):
+def test_cli_on_a_local_dir_or_a_cached_id_never_asks_the_hub(unreachable_hub, tmp_path, monkeypatch):
     """No probe (so no note) when the config is local or cached; a missing id: one line with the probe's error."""
+    from huggingface_hub import constants
+
+    from kolora_probe.model_source import hub_status
+
     ko = save_config(kogpt2_config(), tmp_path / "ko")
     cache = tmp_path / "hub"
     _fake_hf_cache(cache, "kolora-test/cached-kogpt2", ko)
-    env = {"HF_ENDPOINT": closed_port_endpoint(), "HF_HUB_CACHE": str(cache)}
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     for model in (str(ko), "kolora-test/cached-kogpt2"):
-        p = _cli("lora", "--model", model, "--expected-trainable=none", env=env)
+        p = run_cli("lora", "--model", model, "--expected-trainable=none", offline=False)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert "unreachable" not in p.stderr and "Retry" not in p.stderr, p.stderr
-    p = _cli("lora", "--model", "kolora-test/not-cached", env=env)
+        assert hub_status(probe=False) is None and "unreachable" not in p.stderr, p.stderr
+    p = run_cli("lora", "--model", "kolora-test/not-cached", offline=False)
     assert p.returncode == 2
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("kolora-probe lora: model 'kolora-test/not-cached' (revision main) not found; ")
-    assert f"hub {env['HF_ENDPOINT']}: unreachable (ConnectError: " in line and "Retry" not in line
+    assert f"hub {unreachable_hub}: unreachable (ConnectError: " in line and "Retry" not in line
 
 
 def test_gate_with_unreachable_hub_says_so_once_and_does_not_retry(tmp_path):
