@@ -14,7 +14,7 @@ from kolora_probe.environment import TorchGpu
 from kolora_probe.plan import apply_overrides, default_plan, load_plan
 from kolora_probe.plan_feasibility import plan_model_problems, position_limit
 from structure_configs import kogpt2_config, save_config
-from suite_runner import run_suite
+from suite_runner import documented, run_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 QLORA = ROOT / "plans" / "kogpt2-qlora.toml"
@@ -82,3 +82,4 @@ def test_estimate_and_gate_refuse_seq_len_beyond_the_limit(ko_dir, tmp_path):
     assert check["outcome"] == "failed" and "seq_len = 2,048 exceeds the position limit" in check["message"]
     budget = run.outcome("test_predicted_peak_fits_budget")
     assert budget["outcome"] == "failed" and budget["message"].startswith("plan cannot run on this model: ")
+    documented("plan cannot run on this model")
