@@ -158,10 +158,11 @@ def test_secrets_are_redacted_and_html_is_escaped(tmp_path):
 # --- the whole CPU gate on the tiny KoGPT-2-shaped model and its broken variants --------------------
 # LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600): 16 * (64 + 1600) = 26,624 trainable.
 TINY_LM_HEAD_R16 = 16 * (64 + 1600)
+TINY_SEQ = "--seq-len=128"     # the tiny model's n_positions: the default plan's 512 is a plan it cannot run
 
 
 def run_gate(model_dir, reports, *extra: str, env: dict | None = None) -> SuiteRun:
-    return run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}", *extra,
+    return run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}", TINY_SEQ, *extra,
                      reports=reports, env=env)
 
 
@@ -267,7 +268,7 @@ def test_case2_no_tokenizer_files(model_zoo, baseline, tmp_path):
 ])
 def test_case4_bad_target_modules(model_zoo, baseline, tmp_path, targets, expected, primary, fragment, families):
     extra = [f"--targets={targets}"] + ([f"--expected-trainable={expected}"] if expected else [])
-    run = run_suite("checks", f"--model={model_zoo.tiny}", *extra, reports=tmp_path)
+    run = run_suite("checks", f"--model={model_zoo.tiny}", TINY_SEQ, *extra, reports=tmp_path)
     assert_isolated_failure(run, baseline, primary, fragment, families)
     message = run.outcome(primary)["message"]
     if targets == "c_atn":
@@ -300,7 +301,7 @@ def test_case2_tokenizer_class_that_mangles_hangul(model_zoo, baseline, tmp_path
 # --- case 7: the plan does not fit (the measured-step OOM itself needs CUDA: tests/test_memory_budget.py
 # simulates it with a raised torch.cuda.OutOfMemoryError and checks it is caught, reported and released) ------
 def test_case7_budget_too_small_names_the_batch_that_fits(model_zoo, baseline, tmp_path):
-    run = run_gate(model_zoo.tiny, tmp_path, "--budget-gib=0.03")
+    run = run_gate(model_zoo.tiny, tmp_path, "--budget-gib=0.01")
     assert_isolated_failure(run, baseline, "test_memory_budget.py::test_predicted_peak_fits_budget",
                             "does NOT fit; largest batch size that fits:", {"memory"})
     msg = run.outcome("test_predicted_peak_fits_budget")["message"]
