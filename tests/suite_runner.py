@@ -48,6 +48,26 @@ def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, time
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
 
 
+# LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600): 16 * (64 + 1600) = 26,624 trainable.
+TINY_LM_HEAD_R16 = 16 * (64 + 1600)
+TINY_SEQ = "--seq-len=128"     # the tiny model's n_positions: the default plan's 512 is a plan it cannot run
+_GATE_RUNS: dict[tuple, SuiteRun] = {}
+
+
+def gate_run(model_dir: Path | str, *extra: str, env: dict[str, str] | None = None) -> SuiteRun:
+    """The whole CPU gate (``pytest checks``) on a tiny test model (tests/model_factory.py) with the plan's count
+    and sequence length set for it, run once per distinct arguments in a test session and shared by every test
+    that reads it (test_faults, test_tokenizer, test_model_loading): each run costs seconds on 2 cores."""
+    key = (str(model_dir), extra, tuple(sorted((env or {}).items())))
+    if key not in _GATE_RUNS:
+        import tempfile
+
+        reports = Path(tempfile.mkdtemp(prefix="kolora-gate-run-"))
+        _GATE_RUNS[key] = run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}",
+                                    TINY_SEQ, *extra, reports=reports, env=env)
+    return _GATE_RUNS[key]
+
+
 def run_cli(*args: str, offline: bool = True) -> subprocess.CompletedProcess:
     """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main``),
     offline, in the repo root, with stdout/stderr captured: the same code, exit code and output as the console
