@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from checks.failures import fail_check, is_check_failure
-from kolora_probe import __version__
+from kolora_probe import __version__, strict_json
 from kolora_probe.plan import Plan, PlanError
 from kolora_probe.plan_options import add_plan_options, overrides_from, plan_from_options
 from kolora_probe.redact import redact, redact_text, secret_values
@@ -43,7 +43,7 @@ EXTRAS_KEY = pytest.StashKey[list]()
 STARTED_KEY = pytest.StashKey[float]()
 CUDA_REASON_KEY = pytest.StashKey[object]()
 FAMILY_OF = {  # check module → requirement family shown in the summary
-    "test_plan": "plan", "test_environment": "environment", "test_gpu": "gpu",
+    "test_plan": "plan", "test_plan_feasibility": "plan", "test_environment": "environment", "test_gpu": "gpu",
     "test_model": "model", "test_tokenizer": "tokenizer", "test_structure": "structure", "test_lora": "lora",
     "test_memory_budget": "memory", "test_benchmarks": "benchmarks", "test_monitor": "monitor",
 }
@@ -130,6 +130,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     values, names = overrides_from(config.getoption)
     if values:
         lines.append("overrides: " + ", ".join(f"{names[k]}={v!r}" for k, v in values.items()))
+    lines += [f"note: {n}" for n in config.stash[PLAN_KEY].notes]
     return [redact_text(line) for line in lines]
 
 
@@ -187,7 +188,7 @@ class Evidence:
         if note:
             row["note"] = note
         self._item.stash[EVIDENCE_KEY].append(row)
-        self._item.user_properties.append((name, json.dumps({k: v for k, v in row.items() if k != "name"},
+        self._item.user_properties.append((name, strict_json.dumps({k: v for k, v in row.items() if k != "name"},
                                                             ensure_ascii=False, default=str)))
 
     def html(self, title: str, content: str) -> None:
@@ -341,8 +342,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = redact(_run_document(config, int(exitstatus)))
     tmp = out / "environment.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.write_text(strict_json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     tmp.replace(out / "environment.json")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Say once that the hub was unreachable and the run went offline after one probe."""
+    from kolora_probe.model_source import hub_status
+
+    status = hub_status(probe=False) if config.stash.get(ACTIVE_KEY, False) else None
+    if status is not None and not status.reachable:
+        terminalreporter.write_line(redact_text(f"kolora-probe: note: {status.describe()}"))
 
 
 @pytest.hookimpl(trylast=True)

@@ -22,7 +22,11 @@ def memory_shape(plan):
 def memory_verdict(plan, model_config, memory_shape, structure_report):
     """Predicted peak of the plan's step (trace), fit vs budget, largest batch / sequence length that fit."""
     from kolora_probe.memory_budget import budget_verdict, check_targets
+    from kolora_probe.plan_feasibility import plan_model_problems
 
+    infeasible = plan_model_problems(model_config, plan, plan.model.id)
+    if infeasible:   # nothing is traced for a plan the model cannot run (test_plan_runs_on_the_model says why)
+        fail_check("plan cannot run on this model: " + "; ".join(infeasible))
     problem = check_targets(model_config, plan, structure_report)   # the session's report, not a second one
     if problem:
         fail_check(problem)

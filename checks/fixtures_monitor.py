@@ -11,13 +11,14 @@
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kolora_probe import strict_json
 
 MONITOR_KEY = pytest.StashKey[tuple]()
 DEFAULT_INTERVAL_S = 0.2
@@ -103,15 +104,21 @@ def attach_monitor_evidence(evidence, summary, timeline_path: Path | None) -> No
 
 # --- benchmarks -----------------------------------------------------------------------------------------
 class _LazyJsonFile:
-    """Stands in for pytest-benchmark's ``--benchmark-json`` file; opened only when results are written."""
+    """Stands in for pytest-benchmark's ``--benchmark-json`` value; the file is created only when results are
+    written. pytest-benchmark < 5.3 stores an open file (``argparse.FileType``) and writes ``with self.json as
+    fh``; 5.3+ stores a path and calls ``open(self.json, "wb")``. This object is both: a context manager that
+    opens the file, and an ``os.PathLike`` (``__fspath__`` creates the parent folder first)."""
 
     def __init__(self, path: Path):
         self.path = path
         self._fh = None
 
-    def __enter__(self):
+    def __fspath__(self) -> str:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "wb")
+        return str(self.path)
+
+    def __enter__(self):
+        self._fh = open(self, "wb")
         return self._fh
 
     def __exit__(self, *exc: Any) -> None:
@@ -148,7 +155,7 @@ class BenchmarkResults:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         doc = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": self.entries}
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        tmp.write_text(strict_json.dumps(doc, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
         tmp.replace(self.path)
 
 

@@ -43,8 +43,9 @@ def test_trainable_params_as_planned(plan, lora_count, evidence):
     c, expected = lora_count, plan.lora.expected_trainable_params
     evidence("trainable_params", c.trainable_params, expected=expected)
     if expected is None:
-        pytest.skip(f"plan sets no [lora].expected_trainable_params; the count is {c.trainable_params:,} — "
-                    f"set it to pin the count")
+        why = next((n for n in plan.notes if "expected_trainable_params" in n),
+                   "plan sets no [lora].expected_trainable_params")
+        pytest.skip(f"{why}; the count is {c.trainable_params:,} — set --expected-trainable to pin it")
     partial = [f.message for f in c.findings if f.code == "partial_kind"]
     assert c.trainable_params == expected, (
         f"trainable parameters {c.trainable_params:,} != expected {expected:,} for targets {list(c.targets)} "

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _hub_note(args.command)
+        return code
     except PlanError as exc:
         for line in exc.lines:
             print(f"kolora-probe {args.command}: plan error: {line}", file=sys.stderr)
@@ -46,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kolora-probe {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _hub_note(command: str) -> None:
+    """Say once, on stderr, that the hub was unreachable and the run went offline (a not-found error says it)."""
+    from .model_source import hub_status
+
+    status = hub_status(probe=False)
+    if status is not None and not status.reachable:
+        print(f"kolora-probe {command}: note: {status.describe()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

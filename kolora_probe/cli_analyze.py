@@ -5,10 +5,11 @@ Needs only the model's ``config.json`` (the model is built on the meta device: n
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Any
+
+from . import strict_json
 
 HELP = "list a model's LoRA-adaptable layers (attention / MLP / head), tied parameters and suggested targets"
 DEFAULT_R = 16
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         s["trainable_params"] = c.trainable_params
         s["trainable_percent"] = round(c.trainable_percent, 6)
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
 
     print(f"model: {model_id} @ {args.revision} ({source.kind}: {source.path})")

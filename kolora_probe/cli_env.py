@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
+
+from . import strict_json
 
 HELP = "print the environment facts (Python, torch/CUDA, GPUs via NVML, bitsandbytes, packages)"
 
@@ -43,8 +43,7 @@ def run(args: argparse.Namespace) -> int:
                                          "satisfied": r.satisfied} for r in reqs]}
     doc = redact(doc)
     if args.json:
-        json.dump(doc, sys.stdout, indent=2, ensure_ascii=False, default=str)
-        print()
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False, default=str))
     else:
         t, b, n = facts.torch, facts.bitsandbytes, facts.nvml
         print(f"Python      {facts.python_version} ({facts.python_executable})")

@@ -7,8 +7,8 @@ the model or the targets are invalid.
 from __future__ import annotations
 
 import argparse
-import json
 
+from . import strict_json
 from .cli_analyze import fail, table
 
 HELP = "predict the peak GPU memory of one LoRA/QLoRA training step and check it against the budget"
@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)
+    from .plan_feasibility import first_gpu, plan_model_problems
+
+    problems = plan_model_problems(config, plan, plan.model.id, first_gpu())   # before anything is computed
+    if problems:
+        return fail("estimate", "plan cannot run on this model: " + "; ".join(problems))
     from .memory_budget import check_targets
 
     problem = check_targets(config, plan)
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                     "path": str(source.path)}
     doc["plan"] = plan.source
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0 if v.fits else 1
 
     e = v.estimate

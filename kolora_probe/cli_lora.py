@@ -7,8 +7,8 @@ shape), 1 when they do not, 2 when the model cannot be found or the targets do n
 from __future__ import annotations
 
 import argparse
-import json
 
+from . import strict_json
 from .cli_analyze import fail, grouped_rows, layer_table, table, tensor_groups
 
 HELP = "count LoRA trainable parameters for --targets/--r (analytic and PEFT) and report the consequences"
@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     doc["model"] = {"id": plan.model.id, "revision": plan.model.revision, "source": source.kind,
                     "path": str(source.path)}
     doc["expected_trainable_params"] = expected
+    doc["notes"] = list(plan.notes)
     doc["ok"] = ok
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0 if ok else 1
 
     print(f"model: {plan.model.id} @ {plan.model.revision} ({source.kind}: {source.path})")
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if expected is not None:
         print(f"expected (plan): {expected:,} — " + ("matches" if expected == c.trainable_params else
               f"MISMATCH (actual {c.trainable_params:,}); fix [lora].expected_trainable_params or the targets"))
+    for note in plan.notes:
+        print(f"note: {note}")
     print(f"adapter size: ≈ {c.adapter_bytes / 1e6:.1f} MB")
     if c.findings:
         print("findings:")

@@ -66,12 +66,10 @@ class BudgetVerdict:
 
 
 def seq_limit_of(config: Any) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(text, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+    from .plan_feasibility import position_limit
+
+    limit = position_limit(config)
+    return limit.tokens if limit else None
 
 
 def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = None) -> MemoryEstimate:
@@ -199,6 +197,8 @@ def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str
         max_b = shape.batch_size
     if fits and max_s < shape.seq_len:
         max_s = shape.seq_len
+    if limit:
+        max_s = min(max_s, limit)     # never an answer the model's position embeddings cannot run
     return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
 
 

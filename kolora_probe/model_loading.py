@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model_source import ModelConfigError, ModelSource, RemoteCodeRefused, hub_offline, load_config, resolve_model_source
+from .model_source import (ModelConfigError, ModelSource, RemoteCodeRefused, hub_usable, load_config,
+                           resolve_model_source)
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -72,13 +73,17 @@ def fetch_file(source: ModelSource, filename: str) -> Path | None:
     p = source.path / filename
     if p.is_file():
         return p
-    if source.kind == "local" or hub_offline():
+    if source.kind == "local" or not hub_usable():
         return None
     try:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(source.model_id, filename, revision=source.revision))
-    except Exception:  # noqa: BLE001 - absent on the hub is the same answer as absent locally
+    except Exception as exc:  # noqa: BLE001 - absent on the hub is the same answer as absent locally
+        from .model_source import is_network_error, mark_hub_unreachable
+
+        if is_network_error(exc):
+            mark_hub_unreachable(exc)
         return None
 
 

@@ -2,12 +2,20 @@
 
 :func:`resolve_model_source` never substitutes another model: it either finds the files of the model
 that was asked for, or raises :class:`ModelNotFound` with one line saying what was tried and how to fix it.
+
+The hub is asked only when a file is neither local nor cached, and at most one short probe per process
+(:func:`hub_status`) decides whether it is reachable: an unreachable hub makes the rest of the run offline
+(no retries with back-off), and :func:`hub_status` says so once.
 """
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+HUB_PROBE_TIMEOUT_S = 3.0   # one HEAD request to the hub's endpoint; an answer of any status means reachable
 
 
 class ModelNotFound(FileNotFoundError):
@@ -42,6 +50,86 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "true", "TRUE")
 
 
+@dataclass(frozen=True)
+class HubStatus:
+    """Whether this process may use the hub, decided once (:func:`hub_status`)."""
+    reachable: bool
+    endpoint: str
+    reason: str = ""            # why not: the probe's error, whole, on one line
+    probe_s: float = 0.0
+
+    def describe(self) -> str:
+        if self.reachable:
+            return f"hub {self.endpoint}: reachable ({self.probe_s:.2f} s probe)"
+        return (f"hub {self.endpoint} is unreachable ({self.reason}); this run works offline from here on "
+                f"(set HF_HUB_OFFLINE=1 to skip the probe)")
+
+
+_HUB_STATUS: HubStatus | None = None
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` with the message whole, its lines and runs of spaces joined by single spaces."""
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True for a failure to reach the hub (connection, DNS, timeout, proxy), not an answer from it."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return True
+    if isinstance(exc, HfHubHTTPError):
+        return False
+    seen: BaseException | None = exc
+    while seen is not None:
+        module = type(seen).__module__.split(".")[0]
+        if isinstance(seen, (OSError, TimeoutError)) or module in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def hub_status(probe: bool = True) -> HubStatus | None:
+    """The hub's status for this process: probed once (one HEAD to the endpoint, HUB_PROBE_TIMEOUT_S, no retries)
+    the first time it is needed; None when ``probe`` is False and nothing is known yet."""
+    global _HUB_STATUS
+    if _HUB_STATUS is None and probe:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        t0 = time.perf_counter()
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+            _HUB_STATUS = HubStatus(True, constants.ENDPOINT, probe_s=time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - any failure to get an answer means "unreachable"
+            _HUB_STATUS = HubStatus(False, constants.ENDPOINT, one_line(exc), time.perf_counter() - t0)
+    return _HUB_STATUS
+
+
+def mark_hub_unreachable(exc: BaseException) -> None:
+    """A hub call failed to reach the hub: the rest of the run is offline (honours a failed lookup)."""
+    global _HUB_STATUS
+    from huggingface_hub import constants
+
+    _HUB_STATUS = HubStatus(False, constants.ENDPOINT, one_line(exc))
+
+
+def reset_hub_status() -> None:
+    """Forget the probe's answer (tests)."""
+    global _HUB_STATUS
+    _HUB_STATUS = None
+
+
+def hub_usable() -> bool:
+    """True when files may be downloaded from the hub now: not offline by setting, and the probe got an answer."""
+    if hub_offline():
+        return False
+    status = hub_status()
+    return status is not None and status.reachable
+
+
 def _looks_like_repo_id(model_id: str) -> bool:
     parts = model_id.split("/")
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not model_id.startswith(("/", "~"))
@@ -71,13 +159,17 @@ def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
     attempts.append(f"HF cache {constants.HF_HUB_CACHE}: not cached")
     if hub_offline():
         attempts.append("hub: skipped (HF_HUB_OFFLINE is set)")
+    elif not hub_usable():
+        status = hub_status()
+        attempts.append(f"hub {status.endpoint}: unreachable ({status.reason}), so this run is offline")
     else:
         try:
             path = hf_hub_download(model_id, "config.json", revision=revision)
             return ModelSource(model_id, "hub", Path(path).parent, revision, tuple(attempts + ["hub: downloaded"]))
-        except Exception as exc:  # noqa: BLE001 - any hub failure is reported, never hidden
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            attempts.append(f"hub: {type(exc).__name__}: {reason[:160]}")
+        except Exception as exc:  # noqa: BLE001 - any hub failure is reported whole, never hidden or cut
+            if is_network_error(exc):
+                mark_hub_unreachable(exc)
+            attempts.append(f"hub: {one_line(exc)}")
     raise ModelNotFound(
         f"model {model_id!r} (revision {revision}) not found; tried " + "; ".join(attempts)
         + ". Fix: pass --model DIR with a local copy (save_pretrained), set HF_HOME to a cache that holds it, "

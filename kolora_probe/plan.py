@@ -9,6 +9,7 @@ with the same validation (the "file" is then the option name).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,25 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 BIASES = ("none", "all", "lora_only")
 
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent.parent / "plans" / "kogpt2-lora.toml"
+
+# Upper bounds of the numbers a plan may hold: far above any real run, low enough that nothing downstream
+# overflows or tries to allocate for them (every bound is checked in tests/test_plan.py).
+MAX_R = 1 << 16
+MAX_ALPHA = 1e6
+MAX_BATCH_SIZE = 1 << 16
+MAX_SEQ_LEN = 1 << 22
+MAX_GPU_MEMORY_GIB = 1 << 20       # 1 PiB
+MAX_TRAINABLE_PARAMS = 10 ** 13
+
+
+class _Unset:
+    """The value of an override that removes an optional key (``--expected-trainable=none``)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+UNSET: Any = _Unset()
 
 
 class PlanError(ValueError):
@@ -84,6 +104,7 @@ class Plan:
     budget: BudgetSpec
     checks: ChecksSpec = field(default_factory=ChecksSpec)
     source: str = "<defaults>"
+    notes: tuple[str, ...] = ()      # what the overrides changed beyond the keys they set (shown to the user)
 
     @property
     def budget_bytes(self) -> int:
@@ -106,7 +127,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite number (inf and nan are never a usable plan value)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_in(lo: int, hi: int) -> tuple[Validator, str]:
+    return (lambda v: _is_int(v) and lo <= v <= hi), f"an integer >= {lo} (at most {hi:,})"
 
 
 def _choice(options: tuple[str, ...]) -> tuple[Validator, str]:
@@ -133,28 +159,29 @@ SCHEMA: dict[str, dict[str, tuple[Validator, str]]] = {
                               "false (kolora-probe never runs a model repository's own code)"),
     },
     "lora": {
-        "r": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
-        "alpha": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+        "r": _int_in(1, MAX_R),
+        "alpha": ((lambda v: _is_num(v) and 0 < v <= MAX_ALPHA), f"a number > 0, finite, at most {MAX_ALPHA:,.0f}"),
         "dropout": ((lambda v: _is_num(v) and 0 <= v < 1), "a number in [0, 1)"),
         "target_modules": _str_list(nonempty=True),
         "bias": _choice(BIASES),
         "modules_to_save": _str_list(nonempty=False),
         "target_parameters": _str_list(nonempty=False),
-        "expected_trainable_params": ((lambda v: _is_int(v) and v >= 0), "an integer >= 0"),
+        "expected_trainable_params": _int_in(0, MAX_TRAINABLE_PARAMS),
     },
     "training": {
         "dtype": _choice(DTYPES),
         "weights_dtype": _choice(DTYPES),
         "quantization": _choice(QUANTIZATIONS),
         "double_quant": ((lambda v: isinstance(v, bool)), "true or false"),
-        "batch_size": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
-        "seq_len": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
+        "batch_size": _int_in(1, MAX_BATCH_SIZE),
+        "seq_len": _int_in(1, MAX_SEQ_LEN),
         "gradient_checkpointing": ((lambda v: isinstance(v, bool)), "true or false"),
         "optimizer": _choice(OPTIMIZERS),
         "use_cache": ((lambda v: isinstance(v, bool)), "true or false"),
     },
     "budget": {
-        "gpu_memory_gib": ((lambda v: _is_num(v) and v > 0), "a number of GiB > 0"),
+        "gpu_memory_gib": ((lambda v: _is_num(v) and 0 < v <= MAX_GPU_MEMORY_GIB),
+                           f"a number of GiB > 0, finite, at most {MAX_GPU_MEMORY_GIB:,}"),
         "tolerance_percent": ((lambda v: _is_num(v) and 0 < v <= 100), "a number in (0, 100]"),
     },
     "checks": {
@@ -199,16 +226,22 @@ def _validate(data: Mapping[str, Any], where: str) -> list[str]:
 
 
 def _cross_field(data: Mapping[str, Any], where: str) -> list[str]:
-    """Problems between keys that are each valid on their own."""
+    """Problems between keys that are each valid on their own (a plan no model can run)."""
+    errors: list[str] = []
     lora = data.get("lora", {})
+    training = data.get("training", {})
     if lora.get("target_parameters") and lora.get("dropout", 0) != 0:
-        return [f"{where}: lora.target_parameters needs lora.dropout = 0 (PEFT's ParamWrapper, which adapts weight "
-                f"tensors, has no dropout; lora.dropout = {lora.get('dropout')!r}); set [lora].dropout = 0 "
-                f"(or --lora-dropout 0) or remove target_parameters"]
-    return []
+        errors.append(f"{where}: lora.target_parameters needs lora.dropout = 0 (PEFT's ParamWrapper, which adapts "
+                      f"weight tensors, has no dropout; lora.dropout = {lora.get('dropout')!r}); set "
+                      f"[lora].dropout = 0 (or --lora-dropout 0) or remove target_parameters")
+    if training.get("use_cache") and training.get("gradient_checkpointing"):
+        errors.append(f"{where}: training.use_cache = true contradicts training.gradient_checkpointing = true (the "
+                      f"KV cache is not kept when activations are recomputed; transformers turns it off); set "
+                      f"[training].use_cache = false or turn gradient checkpointing off (--no-gradient-checkpointing)")
+    return errors
 
 
-def _build(data: Mapping[str, Any], source: str) -> Plan:
+def _build(data: Mapping[str, Any], source: str, notes: tuple[str, ...] | list[str] = ()) -> Plan:
     parts: dict[str, Any] = {}
     for table, cls in _SPEC_CLASSES.items():
         kwargs = dict(data.get(table, {}))
@@ -218,7 +251,7 @@ def _build(data: Mapping[str, Any], source: str) -> Plan:
         if table == "lora" and "alpha" in kwargs:
             kwargs["alpha"] = float(kwargs["alpha"])
         parts[table] = cls(**kwargs)
-    return Plan(source=source, **parts)
+    return Plan(source=source, notes=tuple(notes), **parts)
 
 
 def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
@@ -247,6 +280,7 @@ def load_plan(path: str | Path) -> Plan:
 def plan_to_dict_for_override(plan: Plan) -> dict[str, dict[str, Any]]:
     d = plan.to_dict()
     d.pop("source")
+    d.pop("notes")
     out: dict[str, dict[str, Any]] = {}
     for table, section in d.items():
         out[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items() if v is not None}
@@ -257,16 +291,34 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
     """Return a new plan with ``{"table.key": value}`` overrides applied and validated.
 
     ``option_names`` maps a dotted key to the command-line option that set it, so errors name the option.
+    A value of :data:`UNSET` removes the key (optional keys only). A model other than the plan's drops the plan's
+    pinned ``lora.expected_trainable_params`` (it was counted for the plan's model) unless the overrides set it,
+    and says so in ``Plan.notes``.
     """
     option_names = option_names or {}
     data = plan_to_dict_for_override(plan)
     errors: list[str] = []
+    notes = list(plan.notes)
+    new_model = overrides.get("model.id")
+    pinned = plan.lora.expected_trainable_params
+    if (isinstance(new_model, str) and new_model != plan.model.id and pinned is not None
+            and overrides.get("lora.expected_trainable_params") is None):
+        data["lora"].pop("expected_trainable_params", None)
+        notes.append(f"lora.expected_trainable_params = {pinned:,} from {plan.source} was counted for "
+                     f"{plan.model.id}, not {option_names.get('model.id', 'model.id')} {new_model}: not compared "
+                     f"(pin one with --expected-trainable N)")
     for dotted, value in overrides.items():
         if value is None:
             continue
         table, _, key = dotted.partition(".")
         if table not in SCHEMA or key not in SCHEMA[table]:
             errors.append(f"{option_names.get(dotted, dotted)}: not a plan field")
+            continue
+        if value is UNSET:
+            if key in REQUIRED[table]:
+                errors.append(f"{option_names.get(dotted, dotted)} none is invalid; {dotted} is required")
+            else:
+                data[table].pop(key, None)
             continue
         validator, allowed = SCHEMA[table][key]
         if not validator(value):
@@ -277,7 +329,7 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
     errors = errors or _cross_field(data, source)
     if errors:
         raise PlanError(errors)
-    return _build(data, source)
+    return _build(data, source, notes)
 
 
 def default_plan() -> Plan:

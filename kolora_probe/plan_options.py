@@ -8,11 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, Plan, apply_overrides, default_plan, load_plan
+from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, UNSET, Plan, apply_overrides, default_plan, load_plan
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+
+
+def _int_or_none(value: str) -> Any:
+    """An integer, or ``none`` to remove the plan's value."""
+    return UNSET if value.strip().lower() == "none" else int(value)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,9 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--r", "lora.r", int, "LoRA rank (overrides [lora].r)"),
     PlanOption("--alpha", "lora.alpha", float, "LoRA alpha (overrides [lora].alpha)"),
     PlanOption("--lora-dropout", "lora.dropout", float, "LoRA dropout (overrides [lora].dropout)"),
-    PlanOption("--expected-trainable", "lora.expected_trainable_params", int,
-               "expected trainable parameter count (overrides [lora].expected_trainable_params)"),
+    PlanOption("--expected-trainable", "lora.expected_trainable_params", _int_or_none,
+               "expected trainable parameter count (overrides [lora].expected_trainable_params; none: compare "
+               "with nothing). A --model other than the plan's drops the plan's count"),
     PlanOption("--dtype", "training.dtype", str, "compute dtype (overrides [training].dtype)", DTYPES),
     PlanOption("--weights-dtype", "training.weights_dtype", str, "frozen weight dtype (overrides [training].weights_dtype)", DTYPES),
     PlanOption("--quantization", "training.quantization", str, "overrides [training].quantization", QUANTIZATIONS),

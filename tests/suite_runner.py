@@ -48,6 +48,58 @@ def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, time
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
 
 
+# LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600): 16 * (64 + 1600) = 26,624 trainable.
+TINY_LM_HEAD_R16 = 16 * (64 + 1600)
+TINY_SEQ = "--seq-len=128"     # the tiny model's n_positions: the default plan's 512 is a plan it cannot run
+_GATE_RUNS: dict[tuple, SuiteRun] = {}
+
+
+def gate_run(model_dir: Path | str, *extra: str, env: dict[str, str] | None = None) -> SuiteRun:
+    """The whole CPU gate (``pytest checks``) on a tiny test model (tests/model_factory.py) with the plan's count
+    and sequence length set for it, run once per distinct arguments in a test session and shared by every test
+    that reads it (test_faults, test_tokenizer, test_model_loading): each run costs seconds on 2 cores."""
+    key = (str(model_dir), extra, tuple(sorted((env or {}).items())))
+    if key not in _GATE_RUNS:
+        import tempfile
+
+        reports = Path(tempfile.mkdtemp(prefix="kolora-gate-run-"))
+        _GATE_RUNS[key] = run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}",
+                                    TINY_SEQ, *extra, reports=reports, env=env)
+    return _GATE_RUNS[key]
+
+
+def run_cli(*args: str, offline: bool = True) -> subprocess.CompletedProcess:
+    """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main``),
+    offline, in the repo root, with stdout/stderr captured: the same code, exit code and output as the console
+    script, without a new interpreter importing torch and transformers again (seconds per call on 2 cores). Each
+    CLI test module still runs one call as a real subprocess. ``offline=False`` leaves huggingface_hub's settings
+    as the caller made them."""
+    import contextlib
+    import io
+
+    from huggingface_hub import constants
+
+    from kolora_probe.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    if offline:
+        constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    try:
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:          # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
+    return subprocess.CompletedProcess(["kolora-probe", *args], code, out.getvalue(), err.getvalue())
+
+
 def documented(fragment: str) -> None:
     """The README's "When a check fails" table lists this message fragment, so the section stays true."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from structure_configs import kogpt2_config, save_config
+from suite_runner import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,10 +18,14 @@ def ko_dir(tmp_path_factory):
     return save_config(kogpt2_config(), tmp_path_factory.mktemp("kogpt2-config-only"))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([sys.executable, "-m", "kolora_probe", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return run_cli(*args)
 
 
 def our_lines(stderr: str, command: str) -> list[str]:
@@ -54,7 +59,7 @@ def test_analyze_table(ko_dir):
 
 
 def test_lora_default_plan_lm_head_json(ko_dir):
-    p = cli("lora", "--model", str(ko_dir), "--json")
+    p = cli_subprocess("lora", "--model", str(ko_dir), "--expected-trainable=831488", "--json")   # the real entry point
     assert p.returncode == 0, p.stdout + p.stderr
     d = json.loads(p.stdout)
     assert (d["total_params"], d["trainable_params"], d["peft_trainable_params"]) == (125_164_032, 831_488, 831_488)
@@ -64,6 +69,24 @@ def test_lora_default_plan_lm_head_json(ko_dir):
     assert d["modules"] == [{"name": "lm_head", "kind": "Linear", "in_features": 768, "out_features": 51200,
                              "role": "output_head", "lora_params": 831_488, "bias_params": 0}]
     assert "tied_target" in {f["code"] for f in d["findings"]}
+
+
+def test_lora_on_another_model_drops_the_plans_count_and_says_so(tmp_path):
+    """The default plan pins 831,488 for skt/kogpt2-base-v2's lm_head; on another --model it is not compared (exit
+    0, not MISMATCH), the note says why, and the count is still shown. --expected-trainable=none unsets it."""
+    from structure_configs import llama_config
+
+    cfg = llama_config()
+    other = save_config(cfg, tmp_path / "llama")
+    count = 16 * (cfg.hidden_size + cfg.vocab_size)                 # LoRA r=16 on lm_head (hidden → vocab)
+    p = cli("lora", "--model", str(other))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "MISMATCH" not in p.stdout and f"trainable parameters: {count:,}" in p.stdout
+    assert "note: lora.expected_trainable_params = 831,488 from " in p.stdout and f"--model {other}" in p.stdout
+    p = cli("lora", "--model", str(other), "--expected-trainable=none", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(p.stdout)
+    assert d["expected_trainable_params"] is None and d["ok"] is True and d["trainable_params"] == count
 
 
 def test_lora_c_attn_json(ko_dir):
@@ -77,7 +100,8 @@ def test_lora_c_attn_json(ko_dir):
 
 
 def test_lora_with_qlora_plan_file(ko_dir):
-    p = cli("lora", "--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--model", str(ko_dir))
+    p = cli("lora", "--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--model", str(ko_dir),
+            "--expected-trainable=2359296")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "trainable parameters: 2,359,296" in p.stdout
     assert "expected (plan): 2,359,296 — matches" in p.stdout and "agrees" in p.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from suite_runner import ROOT, SuiteRun, documented, run_suite
+from suite_runner import ROOT, TINY_SEQ, SuiteRun, documented, gate_run, run_suite
 
 CPU_CHECKS = ("checks/test_plan.py", "checks/test_environment.py")
 
@@ -53,7 +53,8 @@ def test_bad_plan_file(tmp_path, name, text, fragment):
     documented({"syntax": "not valid TOML", "unknown-key": "unknown key"}.get(name, "is invalid; expected"))
     plan = tmp_path / f"{name}.toml"
     plan.write_text(text)
-    run = run_suite(*CPU_CHECKS, f"--plan={plan}", reports=tmp_path / "r")
+    others = ("checks/test_environment.py::test_torch_build", "checks/test_environment.py::test_dependency_graph_consistent")
+    run = run_suite("checks/test_plan.py", *others, f"--plan={plan}", reports=tmp_path / "r")
     assert run.returncode == 1, run.output
     assert fragment in run.output and str(plan) in run.output
     check = run.outcome("test_plan_is_valid")
@@ -98,14 +99,14 @@ def test_bitsandbytes_not_importable_fails_only_its_checks(tmp_path):
 
 
 # --- case 6: NVML missing / no GPU ----------------------------------------------------------------
-def test_no_gpu_fails_gpu_checks_and_leaves_cpu_gate_green(tmp_path):
+def test_no_gpu_fails_gpu_checks_and_leaves_cpu_gate_green(gpu_selection_run, cpu_checks_run):
     documented("no usable CUDA GPU")
-    gpu = run_suite("-m", "gpu", reports=tmp_path / "gpu")
+    gpu = gpu_selection_run                               # run_suite("-m", "gpu"), shared with test_suite_wiring
     assert gpu.returncode == 1
     for c in gpu.environment["checks"]:
         assert c["outcome"] == "failed" and "no usable CUDA GPU" in c["message"], c
     assert_reports_valid(gpu)
-    cpu = run_suite(*CPU_CHECKS, reports=tmp_path / "cpu")
+    cpu = cpu_checks_run                                  # run_suite(*CPU_CHECKS), shared with test_suite_wiring
     assert cpu.returncode == 0, cpu.output
     nvml = cpu.environment["environment"]["nvml"]
     assert nvml["available"] is False and nvml["error"]          # the reason is recorded, not hidden
@@ -156,13 +157,10 @@ def test_secrets_are_redacted_and_html_is_escaped(tmp_path):
 
 
 # --- the whole CPU gate on the tiny KoGPT-2-shaped model and its broken variants --------------------
-# LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600): 16 * (64 + 1600) = 26,624 trainable.
-TINY_LM_HEAD_R16 = 16 * (64 + 1600)
-
-
 def run_gate(model_dir, reports, *extra: str, env: dict | None = None) -> SuiteRun:
-    return run_suite("checks", f"--model={model_dir}", f"--expected-trainable={TINY_LM_HEAD_R16}", *extra,
-                     reports=reports, env=env)
+    """The gate on ``model_dir`` (suite_runner.gate_run: shared with the other modules that run the same command;
+    ``reports`` is not used, the run has its own folder)."""
+    return gate_run(model_dir, *extra, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +197,8 @@ def test_case1_model_id_not_found_offline(baseline, tmp_path):
                             MODEL_FAMILIES)
     msg = run.outcome("test_model.py::test_model_found")["message"]
     assert "HF cache" in msg and "hub: skipped (HF_HUB_OFFLINE is set)" in msg and "--model DIR" in msg
+    budget = run.outcome("test_predicted_peak_fits_budget")      # the memory check needs the model's config too
+    assert budget["outcome"] == "failed" and "not found" in budget["message"] and "HF_HUB_OFFLINE" in budget["message"]
 
 
 def test_case2_truncated_safetensors(model_zoo, baseline, tmp_path):
@@ -265,7 +265,7 @@ def test_case2_no_tokenizer_files(model_zoo, baseline, tmp_path):
 ])
 def test_case4_bad_target_modules(model_zoo, baseline, tmp_path, targets, expected, primary, fragment, families):
     extra = [f"--targets={targets}"] + ([f"--expected-trainable={expected}"] if expected else [])
-    run = run_suite("checks", f"--model={model_zoo.tiny}", *extra, reports=tmp_path)
+    run = run_suite("checks", f"--model={model_zoo.tiny}", TINY_SEQ, *extra, reports=tmp_path)
     assert_isolated_failure(run, baseline, primary, fragment, families)
     message = run.outcome(primary)["message"]
     if targets == "c_atn":
@@ -298,7 +298,7 @@ def test_case2_tokenizer_class_that_mangles_hangul(model_zoo, baseline, tmp_path
 # --- case 7: the plan does not fit (the measured-step OOM itself needs CUDA: tests/test_memory_budget.py
 # simulates it with a raised torch.cuda.OutOfMemoryError and checks it is caught, reported and released) ------
 def test_case7_budget_too_small_names_the_batch_that_fits(model_zoo, baseline, tmp_path):
-    run = run_gate(model_zoo.tiny, tmp_path, "--budget-gib=0.03")
+    run = run_gate(model_zoo.tiny, tmp_path, "--budget-gib=0.01")
     assert_isolated_failure(run, baseline, "test_memory_budget.py::test_predicted_peak_fits_budget",
                             "does NOT fit; largest batch size that fits:", {"memory"})
     msg = run.outcome("test_predicted_peak_fits_budget")["message"]

@@ -13,7 +13,7 @@ from kolora_probe.model_loading import (ModelLoadError, check_safetensors, find_
                                         verify_bin_weights_only)
 from kolora_probe.model_source import ModelNotFound, load_config, resolve_model_source
 from model_factory import KOGPT2_TOTAL_PARAMS, _WritesMarker
-from suite_runner import run_suite
+from suite_runner import gate_run, run_suite
 
 SUITE = ("checks/test_model.py", "checks/test_tokenizer.py")
 
@@ -181,9 +181,9 @@ def test_unknown_model_offline_is_not_substituted(monkeypatch, tmp_path):
 
 # --- the real suite, in a subprocess ----------------------------------------------------------------------
 def test_suite_passes_on_the_tiny_model(tmp_path, model_zoo):
-    run = run_suite(*SUITE, f"--model={model_zoo.tiny}", reports=tmp_path / "r")
+    run = gate_run(model_zoo.tiny)                  # the whole gate, shared with test_faults' clean baseline
     assert run.returncode == 0, run.output[-3000:]
-    outcomes = run.outcomes()
+    outcomes = {k: v for k, v in run.outcomes().items() if k.startswith(SUITE)}
     assert len(outcomes) == 17 and set(outcomes.values()) == {"passed"}
     loss = {e["name"]: e for e in run.outcome("test_tokenizer_model_agreement")["evidence"]}
     assert loss["loss"]["actual"] < 0.6 * loss["ln_vocab"]["actual"]

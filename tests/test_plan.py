@@ -100,7 +100,7 @@ def test_overrides_apply_and_validate():
     assert (plan.lora.r, plan.training.batch_size, plan.lora.target_modules) == (4, 2, ("c_attn",))
     with pytest.raises(PlanError) as info:
         apply_overrides(default_plan(), {"lora.r": 0}, {"lora.r": "--r"})
-    assert str(info.value) == "--r 0 is invalid; expected an integer >= 1"
+    assert str(info.value) == "--r 0 is invalid; expected an integer >= 1 (at most 65,536)"
 
 
 def test_option_parsing_keeps_bad_strings_for_validation():
@@ -134,3 +134,64 @@ def test_target_parameters_need_zero_dropout(tmp_path):
         apply_overrides(plan, {"lora.dropout": 0.1}, {"lora.dropout": "--lora-dropout"})
     assert "command-line overrides: lora.target_parameters needs lora.dropout = 0" in str(info.value)
     assert load_plan(write(tmp_path, VALID)).lora.target_parameters == ()
+
+
+def test_another_model_drops_the_plans_pinned_count_and_says_so():
+    """The default plan pins 831,488 for KoGPT-2's lm_head; that number means nothing for another model."""
+    base = default_plan()
+    pinned = base.lora.expected_trainable_params
+    assert pinned is not None and base.notes == ()
+    plan = apply_overrides(base, {"model.id": "/models/other"}, {"model.id": "--model"})
+    assert plan.lora.expected_trainable_params is None
+    (note,) = plan.notes
+    assert f"{pinned:,}" in note and "--model /models/other" in note and "--expected-trainable" in note
+    kept = apply_overrides(base, {"model.id": "/models/other", "lora.expected_trainable_params": 42})
+    assert kept.lora.expected_trainable_params == 42 and kept.notes == ()
+    same = apply_overrides(base, {"model.id": base.model.id})
+    assert same.lora.expected_trainable_params == pinned and same.notes == ()
+
+
+def test_expected_trainable_none_unsets_the_plans_count():
+    plan = plan_from_options(None, lambda dest: _parse(dest, {"plan_expected_trainable": "none"}))
+    assert plan.lora.expected_trainable_params is None
+    plan = plan_from_options(None, lambda dest: _parse(dest, {"plan_expected_trainable": "1234"}))
+    assert plan.lora.expected_trainable_params == 1234
+
+
+@pytest.mark.parametrize("edit, key", [
+    (("gpu_memory_gib = 12", "gpu_memory_gib = inf"), "budget.gpu_memory_gib = inf"),
+    (("gpu_memory_gib = 12", "gpu_memory_gib = nan"), "budget.gpu_memory_gib = nan"),
+    (("gpu_memory_gib = 12", "gpu_memory_gib = 1e300"), "budget.gpu_memory_gib = 1e+300"),
+    (("alpha = 16", "alpha = inf"), "lora.alpha = inf"),
+    (("alpha = 16", "alpha = -inf"), "lora.alpha = -inf"),
+    (("r = 8", "r = 3000000000"), "lora.r = 3000000000"),
+    (("r = 8", "r = 9223372036854775807"), "lora.r = 9223372036854775807"),
+    (("[budget]", "[training]\nseq_len = 9223372036854775807\n[budget]"), "training.seq_len = 9223372036854775807"),
+    (("[budget]", "[training]\nbatch_size = 3000000000\n[budget]"), "training.batch_size = 3000000000"),
+    (("[budget]", "[checks]\nmax_loss_fraction = nan\n[budget]"), "checks.max_loss_fraction = nan"),
+])
+def test_numbers_nothing_can_use_are_one_line_plan_errors(tmp_path, edit, key):
+    path = write(tmp_path, VALID.replace(*edit))
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}: {key} is invalid; expected ") and "\n" not in line
+
+
+@pytest.mark.parametrize("flag, dest, raw", [("--budget-gib", "plan_budget_gib", "inf"), ("--alpha", "plan_alpha", "inf"),
+                                             ("--alpha", "plan_alpha", "nan"), ("--r", "plan_r", "3e9"),
+                                             ("--r", "plan_r", str(2**63 - 1)), ("--seq-len", "plan_seq_len", str(2**63 - 1))])
+def test_non_finite_and_huge_overrides_are_one_line_errors(flag, dest, raw):
+    with pytest.raises(PlanError) as info:
+        plan_from_options(None, lambda d: _parse(d, {dest: raw}))
+    (line,) = info.value.lines
+    assert line.startswith(f"{flag} ") and "is invalid; expected" in line
+
+
+def test_use_cache_with_gradient_checkpointing_is_a_plan_error(tmp_path):
+    path = write(tmp_path, VALID.replace("[budget]", "[training]\nuse_cache = true\ngradient_checkpointing = true\n[budget]"))
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}: training.use_cache = true contradicts training.gradient_checkpointing = true")
+    assert load_plan(write(tmp_path, VALID.replace("[budget]", "[training]\nuse_cache = true\n[budget]"))).training.use_cache

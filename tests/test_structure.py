@@ -211,7 +211,8 @@ def ko_dir(tmp_path_factory):
 def test_checks_pass_on_config_only_kogpt2(ko_dir, tmp_path):
     from suite_runner import run_suite
 
-    run = run_suite(*STRUCTURE_CHECKS, "--model", str(ko_dir), reports=tmp_path / "reports")
+    run = run_suite(*STRUCTURE_CHECKS, "--model", str(ko_dir), "--expected-trainable=831488",
+                    reports=tmp_path / "reports")
     assert run.returncode == 0, run.output[-3000:]
     outcomes = run.outcomes()
     assert len(outcomes) == 7 and set(outcomes.values()) == {"passed"}, outcomes
@@ -223,6 +224,20 @@ def test_checks_pass_on_config_only_kogpt2(ko_dir, tmp_path):
     assert "831,488 (expected 831488), 0.6599 %" in html                # the summary row
     assert "module table" in html and "transformer.h.11.mlp.c_proj" in html
     assert "LoRA findings" in html and "tied_target" in html
+
+
+def test_another_model_drops_the_plans_pinned_count(ko_dir, tmp_path):
+    """--model other than the plan's: the default plan's 831,488 (counted for skt/kogpt2-base-v2) is not compared;
+    the header and the check say so, the count is still shown, and the percent check compares with PEFT only."""
+    from suite_runner import run_suite
+
+    run = run_suite("checks/test_lora.py", f"--model={ko_dir}", reports=tmp_path / "r")
+    assert run.returncode == 0, run.output[-3000:]
+    assert f"note: lora.expected_trainable_params = 831,488 from " in run.output and f"--model {ko_dir}" in run.output
+    c = run.outcome("test_trainable_params_as_planned")
+    assert c["outcome"] == "skipped" and "was counted for skt/kogpt2-base-v2" in c["message"]
+    assert "the count is 831,488" in c["message"]
+    assert run.outcome("test_trainable_percent")["outcome"] == "passed"
 
 
 def test_checks_fail_on_misspelt_target(ko_dir, tmp_path):

@@ -8,8 +8,8 @@ from suite_runner import documented, run_suite
 CPU_CHECKS = ("checks/test_plan.py", "checks/test_environment.py")
 
 
-def test_default_gate_writes_three_reports(tmp_path):
-    run = run_suite(*CPU_CHECKS, reports=tmp_path)
+def test_default_gate_writes_three_reports(cpu_checks_run):
+    run = cpu_checks_run                                  # run_suite(*CPU_CHECKS), shared with test_faults
     assert run.returncode == 0, run.output
     doc = run.environment
     assert doc["plan"]["model"]["id"] == "skt/kogpt2-base-v2"
@@ -53,8 +53,8 @@ def test_bad_override_is_one_line(tmp_path):
     assert "PLAN ERROR: --dtype 'bf17' is invalid; expected one of 'fp32', 'fp16', 'bf16'" in run.output
 
 
-def test_gpu_checks_fail_without_gpu_with_the_reason(tmp_path):
-    run = run_suite("-m", "gpu", reports=tmp_path)
+def test_gpu_checks_fail_without_gpu_with_the_reason(gpu_selection_run):
+    run = gpu_selection_run                               # run_suite("-m", "gpu"), shared with test_faults
     assert run.returncode == 1, run.output
     gpu = [c for c in run.environment["checks"] if "gpu" in c["markers"]]
     assert len(gpu) >= 5

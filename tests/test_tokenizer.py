@@ -12,7 +12,7 @@ from kolora_probe.tokenizer_checks import (config_id_checks, hangul_fix_hint, ma
                                            special_tokens)
 from kolora_probe.tokenizer_loading import TokenizerLoadError, load_tokenizer
 from model_factory import KOGPT2_SPECIAL_TOKENS, train_kogpt2_like_tokenizer
-from suite_runner import run_suite
+from suite_runner import gate_run, run_suite
 
 SUITE = ("checks/test_model.py", "checks/test_tokenizer.py")
 
@@ -136,7 +136,7 @@ def test_config_ids_catch_a_wrong_pad(tiny_source):
 
 # --- the real suite --------------------------------------------------------------------------------------------
 def test_suite_autotokenizer_fails_with_the_fix(tmp_path, model_zoo):
-    run = run_suite(*SUITE, f"--model={model_zoo.tiny}", "--tokenizer-class=AutoTokenizer", reports=tmp_path / "r")
+    run = gate_run(model_zoo.tiny, "--tokenizer-class=AutoTokenizer")     # shared with test_faults (case 2)
     assert run.returncode == 1
     for check in ("test_korean_hangul_preserved", "test_korean_round_trip_lossless"):
         msg = run.outcome(check)["message"]
@@ -149,7 +149,7 @@ def test_suite_autotokenizer_fails_with_the_fix(tmp_path, model_zoo):
 
 
 def test_suite_without_tokenizer_fails_tokenizer_checks_only(tmp_path, model_zoo):
-    run = run_suite(*SUITE, f"--model={model_zoo.no_tokenizer}", reports=tmp_path / "r")
+    run = gate_run(model_zoo.no_tokenizer)                                # shared with test_faults (case 2)
     assert run.returncode == 1
     for c in run.environment["checks"]:
         name = c["nodeid"].split("::")[1]
