@@ -150,6 +150,8 @@ def pytest_configure(config: pytest.Config) -> None:
     problem = _prepare_reports_dir(config, out)
     config.stash[OUT_KEY] = None if problem else out
     config.option.self_contained_html = True
+    if not _user_asked_for_traceback(config) and not _user_gave(config, "--show-capture"):
+        config.option.showcapture = "no"  # a failing check is its one line; captured output stays in report.html
     if problem:
         config.stash[PROBLEMS_KEY].append(problem)
     else:
@@ -372,9 +374,13 @@ class OneLineFailure:
         return self.message
 
 
-def _user_asked_for_traceback(config: pytest.Config) -> bool:
+def _user_gave(config: pytest.Config, *options: str) -> bool:
     args = [*config.invocation_params.args, *os.environ.get("PYTEST_ADDOPTS", "").split()]
-    return any(str(a).startswith(("--tb", "--full-trace")) for a in args)
+    return any(str(a).startswith(options) for a in args)
+
+
+def _user_asked_for_traceback(config: pytest.Config) -> bool:
+    return _user_gave(config, "--tb", "--full-trace")
 
 
 def _is_check(item: pytest.Item) -> bool:

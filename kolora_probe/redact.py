@@ -19,7 +19,7 @@ SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|API_?KEY|ACC
 # Hugging Face user/org tokens and common bearer-token shapes, even when not in the environment.
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_org_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
 # user:password@ (or a lone token@) after a URL scheme; the host stays readable.
-URL_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^\s/@\"'<>]+@")
+URL_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*:/{1,3})[^\s/@\"'<>]+@")  # also https:/ after path normalising
 MASK = "***REDACTED***"
 _MIN_SECRET_LEN = 6  # shorter values are too likely to match ordinary text
 

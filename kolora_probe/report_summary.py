@@ -22,7 +22,7 @@ body>h1{order:-3} body>p:first-of-type{order:-2} body>.summary{order:-1}
 .kp-num{text-align:right;font-variant-numeric:tabular-nums}
 .kp-pass{background:#dff0d8}.kp-fail{background:#f2dede}.kp-skip{background:#fcf8e3}.kp-warn{background:#fcf8e3}
 .kp-verdict{font-size:1.3em;font-weight:bold;padding:6px 10px;display:inline-block;border-radius:4px}
-.kp-chart{width:100%;max-width:1100px;border:1px solid #ccc;margin:4px 0 10px 0}
+.kp-chart{width:100%;max-width:900px;border:1px solid #ccc;margin:4px 0 10px 0}
 .kp-blocked{color:#555;font-size:0.95em}
 </style>"""
 _CLASS = {"READY": "kp-pass", "NOT READY": "kp-fail", "INCOMPLETE": "kp-warn"}
@@ -97,7 +97,8 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
                  ("Training", f"{t['dtype']} (weights {t['weights_dtype']}), quantization {t['quantization']}, "
                               f"batch {t['batch_size']} × seq {t['seq_len']}, grad ckpt {t['gradient_checkpointing']}, "
                               f"{t['optimizer']}"),
-                 ("Budget", f"{b['gpu_memory_gib']:g} GiB ({int(b['gpu_memory_gib'] * 2**30):,} bytes)")]
+                 ("Budget", f"{b['gpu_memory_gib']:g} GiB = {human(int(b['gpu_memory_gib'] * 2**30), 'bytes')}, "
+                            f"tolerance {b.get('tolerance_percent', 0):g} %")]
     rows.append(("Selection", doc.get("selection", "")))
     env = doc.get("environment", {})
     tf = env.get("torch") or {}
@@ -147,10 +148,11 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
         parts.append("<h3>Failures by root cause</h3><table><tr><th>Root cause (failed check)</th><th>Why</th>"
                      "<th>Checks it blocked</th></tr>")
         for g in groups:
-            blocked = "<br>".join(_e(n) for n in g["blocked"]) or "—"
+            n = len(g["blocked"])
+            blocked = (f"{n} {'check' if n == 1 else 'checks'}<br>" + "<br>".join(_e(x) for x in g["blocked"])
+                       if n else "—")
             parts.append(f"<tr class='kp-fail'><td>{_e(g['check'])}</td><td>{_e(g['message'])}</td>"
-                         f"<td class='kp-blocked'>{len(g['blocked'])} {'check' if len(g['blocked']) == 1 else 'checks'}"
-                         f"{'<br>' + blocked if g['blocked'] else ''}</td></tr>")
+                         f"<td class='kp-blocked'>{blocked}</td></tr>")
         parts.append("</table>")
 
     fam_rows = []
