@@ -24,6 +24,7 @@ body>h1{order:-3} body>p:first-of-type{order:-2} body>.summary{order:-1}
 .kp-verdict{font-size:1.3em;font-weight:bold;padding:6px 10px;display:inline-block;border-radius:4px}
 .kp-chart{width:100%;max-width:900px;border:1px solid #ccc;margin:4px 0 10px 0}
 .kp-blocked{color:#555;font-size:0.95em}
+.logwrapper:not(:has(.log)){display:none}
 </style>"""
 _CLASS = {"READY": "kp-pass", "NOT READY": "kp-fail", "INCOMPLETE": "kp-warn"}
 
@@ -58,9 +59,12 @@ def human(value: Any, unit: str | None = None) -> str:
     return str(value) + (f" {unit}" if unit else "")
 
 
-def _find(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
+def _find(doc: dict[str, Any], name: str, where: str = "") -> dict[str, Any] | None:
+    """The last evidence row called ``name`` of a check whose node id contains ``where``."""
     found = None
     for c in doc.get("checks", []):
+        if where not in c.get("nodeid", ""):
+            continue
         for ev in c.get("evidence", []):
             if ev.get("name") == name:
                 found = ev
@@ -105,7 +109,7 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
     gpus = ", ".join(g["name"] for g in tf.get("gpus", [])) or "none visible to torch"
     rows.append(("Machine", f"Python {env.get('python_version')}, torch {tf.get('version')} "
                             f"(CUDA build {tf.get('cuda_build') or 'none'}), GPUs: {gpus}"))
-    tp = _find(doc, "trainable_params")
+    tp = _find(doc, "trainable_params", "test_lora.py")
     if tp:
         pct = _find(doc, "trainable_percent")
         rows.append(("Trainable parameters", f"{human(tp['actual'])} (expected {human(tp.get('expected'))})"
@@ -146,10 +150,11 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
     groups = doc.get("root_causes", [])
     if groups:
         parts.append("<h3>Failures by root cause</h3><table><tr><th>Root cause (failed check)</th><th>Why</th>"
-                     "<th>Checks it blocked</th></tr>")
+                     "<th>Other checks failing from it</th></tr>")
         for g in groups:
-            n = len(g["blocked"])
-            blocked = (f"{n} {'check' if n == 1 else 'checks'}<br>" + "<br>".join(_e(x) for x in g["blocked"])
+            others = [*g["blocked"], *g.get("same_cause", [])]
+            n = len(others)
+            blocked = (f"{n} {'check' if n == 1 else 'checks'}: " + ", ".join(_e(x.split("::")[-1]) for x in others)
                        if n else "—")
             parts.append(f"<tr class='kp-fail'><td>{_e(g['check'])}</td><td>{_e(g['message'])}</td>"
                          f"<td class='kp-blocked'>{blocked}</td></tr>")

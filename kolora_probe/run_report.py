@@ -23,22 +23,31 @@ def family_summary(checks: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def root_causes(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Failed checks grouped by root cause: each failure that is not "blocked" by another check, with the
-    checks it blocked; blocked checks whose owner did not run form a group of their own."""
+    checks it blocked and the checks that failed with the very same message; blocked checks whose owner did not
+    run form a group of their own."""
     failed = [c for c in checks if c.get("outcome") in ("failed", "error")]
     name = lambda c: c["nodeid"].split("::")[-1].split("[")[0]  # noqa: E731
     groups: list[dict[str, Any]] = []
     by_owner: dict[str, dict[str, Any]] = {}
+    by_message: dict[str, dict[str, Any]] = {}
     for c in failed:
         if not c.get("blocked_by"):
-            g = {"check": c["nodeid"], "message": c.get("message", ""), "blocked": []}
+            same = by_message.get(c.get("message", ""))
+            if same is not None:  # e.g. every GPU check on a machine without one: one cause, listed once
+                same["same_cause"].append(c["nodeid"])
+                by_owner.setdefault(name(c), same)
+                continue
+            g = {"check": c["nodeid"], "message": c.get("message", ""), "blocked": [], "same_cause": []}
             groups.append(g)
             by_owner.setdefault(name(c), g)
+            by_message[g["message"]] = g
     for c in failed:
         owner = c.get("blocked_by")
         if owner:
             g = by_owner.get(owner)
             if g is None:
-                g = by_owner[owner] = {"check": f"{owner} (not run)", "message": c.get("message", ""), "blocked": []}
+                g = by_owner[owner] = {"check": f"{owner} (not run)", "message": c.get("message", ""), "blocked": [],
+                                       "same_cause": []}
                 groups.append(g)
             g["blocked"].append(c["nodeid"])
     return groups

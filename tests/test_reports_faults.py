@@ -115,7 +115,7 @@ def test_missing_model_is_one_root_cause(missing_model_run):
     assert all(c["blocked_by"] == "test_model_found" for c in blocked)
     groups = doc["root_causes"]
     assert len(groups) == 1 and groups[0]["check"] == owner["nodeid"] and len(groups[0]["blocked"]) == len(blocked)
-    assert "Failures by root cause" in run.html and f"{len(blocked)} checks" in run.html
+    assert "Failures by root cause" in run.html and f"{len(blocked)} checks: " in run.html
     assert run.output.count("fix --model or [model].id") == 1  # the long explanation is printed once
 
 
@@ -250,6 +250,9 @@ def test_root_causes_group_blocked_checks_under_their_owner():
     groups = root_causes(checks)
     assert [(g["check"], g["blocked"]) for g in groups] == [
         ("m.py::test_model_found", ["m.py::test_weights_load"]), ("test_absent (not run)", ["t.py::test_x"])]
+    gpu = [{"nodeid": f"g.py::test_{i}", "outcome": "failed", "message": "no usable CUDA GPU: …"} for i in range(3)]
+    (only,) = root_causes(gpu)
+    assert only["check"] == "g.py::test_0" and only["same_cause"] == ["g.py::test_1", "g.py::test_2"]
     assert verdict(checks=checks, plan_errors=[], interrupted=True)["status"] == "INCOMPLETE"
     assert verdict(checks=checks[3:], plan_errors=[], interrupted=False)["status"] == "READY"
 
