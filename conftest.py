@@ -164,6 +164,9 @@ def pytest_configure(config: pytest.Config) -> None:
         if not config.option.xmlpath:
             config.option.xmlpath = str(out / "junit.xml.part")
             config.stash[PARTS_KEY].append((out / "junit.xml.part", out / "junit.xml"))
+    for given in (config.getoption("htmlpath", None), config.option.xmlpath):  # --html/--junitxml: redact in place
+        if given and not str(given).endswith(".part"):
+            config.stash[PARTS_KEY].append((Path(given), Path(given)))
     try:  # SIGTERM finishes the reports like Ctrl-C does (verdict INCOMPLETE)
         config.stash[SIGTERM_KEY] = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
