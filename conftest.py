@@ -406,6 +406,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             item.stash[BLOCKED_KEY] = cause[0]
         else:
             line = failure_line(exc)
+            doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip()
+            if line.startswith("assert ") and doc:  # an assert without a message: say what the check wanted
+                line = f"{' '.join(doc.split(chr(10) * 2)[0].split())} — failed: {line}"
         line = redact_text(line, secrets)
         if not _user_asked_for_traceback(item.config):
             path, lineno, _ = item.location
@@ -531,6 +534,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
     if not config.stash.get(ACTIVE_KEY, False):
         return
+    if SIGTERM_KEY in config.stash:  # finishing the reports: a SIGTERM now must not cut them off half-written
+        try:
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        except ValueError:
+            pass
     if config.stash[PROBLEMS_KEY] and session.exitstatus == 0:
         session.exitstatus = 1
     doc = redact(_run_document(config, int(exitstatus)), config.stash[SECRETS_KEY])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from suite_runner import ROOT, SuiteRun, run_suite
+from suite_runner import ROOT, SuiteRun, documented, run_suite
 
 TINY_LM_HEAD_R16 = 16 * (64 + 1600)  # LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600)
 MASK = "***REDACTED***"
@@ -111,6 +111,7 @@ def test_missing_model_is_one_root_cause(missing_model_run):
     assert owner["outcome"] == "failed" and "not found" in owner["message"] and "blocked" not in owner["message"]
     blocked = [c for c in failed if c is not owner and c["nodeid"] != owner["nodeid"]]
     assert len(blocked) >= 10
+    documented("blocked:")
     assert all(c["message"] == "blocked: model not found — see test_model_found" for c in blocked), blocked
     assert all(c["blocked_by"] == "test_model_found" for c in blocked)
     groups = doc["root_causes"]
@@ -173,6 +174,7 @@ def test_reports_dir_unusable_is_one_line(tmp_path, kind):
     run = run_suite("checks/test_plan.py", reports=target)
     assert run.returncode == 1, run.output
     assert "INTERNALERROR" not in run.output and "Traceback" not in run.output
+    documented("is not usable")
     assert f"REPORTS ERROR: reports directory {target} is not usable" in run.output
     assert "fix: pass --reports-dir=DIR" in run.output
     assert "2 passed" in run.output                             # the checks still ran
@@ -187,6 +189,7 @@ def test_unreadable_plan_file_is_one_line(tmp_path, plan):
     assert run.returncode == 1, run.output
     assert "INTERNALERROR" not in run.output
     check = run.outcome("test_plan_is_valid")
+    documented("cannot read the plan file")
     assert check["outcome"] == "failed" and "cannot read the plan file" in check["message"]
     assert plan[:40] in check["message"] and len(check["message"]) < 400
     assert run.outcome("test_torch_build")["outcome"] == "passed"
@@ -209,6 +212,7 @@ def test_requirements_file_not_text_is_one_failed_check(tmp_path):
     assert run.returncode == 1, run.output
     check = run.outcome("test_requirement_installed[requirements-file]")
     assert check["outcome"] == "failed" and str(binary) in check["message"]
+    documented("cannot read the requirements file")
     assert "cannot read the requirements file" in check["message"] and "\n" not in check["message"]
     assert run.outcome("test_torch_build")["outcome"] == "passed"
 
