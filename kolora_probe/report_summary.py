@@ -120,6 +120,19 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
         rows.append(("Adapter size", human(ab["actual"], "bytes")))
     parts.append(_table(rows))
 
+    groups = doc.get("root_causes", [])
+    if groups:
+        parts.append("<h3>Failures by root cause</h3><table><tr><th>Root cause (failed check)</th><th>Why</th>"
+                     "<th>Other checks failing from it</th></tr>")
+        for g in groups:
+            others = [*g["blocked"], *g.get("same_cause", [])]
+            n = len(others)
+            blocked = (f"{n} {'check' if n == 1 else 'checks'}: " + ", ".join(_e(x.split("::")[-1]) for x in others)
+                       if n else "—")
+            parts.append(f"<tr class='kp-fail'><td>{_e(g['check'])}</td><td>{_e(g['message'])}</td>"
+                         f"<td class='kp-blocked'>{blocked}</td></tr>")
+        parts.append("</table>")
+
     pred, meas = _find(doc, "predicted_peak_bytes"), _find(doc, "measured_peak_bytes")
     if pred or meas:
         budget = int(plan["budget"]["gpu_memory_gib"] * 2**30) if plan else None
@@ -146,19 +159,6 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
                      + "".join(f"<tr class='{'kp-warn' if sev == 'warning' else ''}'><td>{_e(sev)}</td>"
                                f"<td>{_e(code)}</td><td>{_e(msg)}</td></tr>" for sev, code, msg in findings)
                      + "</table>")
-
-    groups = doc.get("root_causes", [])
-    if groups:
-        parts.append("<h3>Failures by root cause</h3><table><tr><th>Root cause (failed check)</th><th>Why</th>"
-                     "<th>Other checks failing from it</th></tr>")
-        for g in groups:
-            others = [*g["blocked"], *g.get("same_cause", [])]
-            n = len(others)
-            blocked = (f"{n} {'check' if n == 1 else 'checks'}: " + ", ".join(_e(x.split("::")[-1]) for x in others)
-                       if n else "—")
-            parts.append(f"<tr class='kp-fail'><td>{_e(g['check'])}</td><td>{_e(g['message'])}</td>"
-                         f"<td class='kp-blocked'>{blocked}</td></tr>")
-        parts.append("</table>")
 
     fam_rows = []
     for fam, counts in s.get("families", {}).items():
