@@ -265,15 +265,22 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a TOML plan file. Raises PlanError with one line per problem."""
     p = Path(path)
-    if not p.is_file():
+    try:
+        exists = p.is_file()
+        text = p.read_text(encoding="utf-8") if exists else ""
+    except OSError as exc:  # permissions, a device file, a name too long
+        shown = str(p) if len(str(p)) <= 120 else f"{str(p)[:60]}…{str(p)[-40:]} ({len(str(p)):,} characters)"
+        raise PlanError([f"{shown}: cannot read the plan file ({exc.strerror or exc}); pass a readable TOML file "
+                         f"with --plan"]) from None
+    except UnicodeDecodeError as exc:
+        raise PlanError([f"{p}: not UTF-8 text ({exc.reason}); save the plan as UTF-8 TOML"]) from None
+    if not exists:
         raise PlanError([f"{p}: plan file not found; pass an existing TOML file with --plan "
                          f"(the default is {DEFAULT_PLAN_PATH})"])
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PlanError([f"{p}: not valid TOML ({exc}); fix the syntax at that line"]) from None
-    except UnicodeDecodeError as exc:
-        raise PlanError([f"{p}: not UTF-8 text ({exc.reason}); save the plan as UTF-8 TOML"]) from None
     return plan_from_dict(data, str(p))
 
 

@@ -43,10 +43,16 @@ class RequirementStatus:
 def parse_requirements(path: str | Path) -> list[tuple[int, Requirement]]:
     """(line number, Requirement) for every requirement line whose environment marker applies here."""
     p = Path(path)
-    if not p.is_file():
-        raise RequirementsFileError(f"{p}: requirements file not found; pass an existing file with --requirements")
+    try:
+        if not p.is_file():
+            raise RequirementsFileError(f"{p}: requirements file not found; pass an existing file with --requirements")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.reason if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+        raise RequirementsFileError(f"{p}: cannot read the requirements file ({why}); pass a pip requirements text "
+                                    f"file with --requirements") from None
     out: list[tuple[int, Requirement]] = []
-    for no, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for no, raw in enumerate(text.splitlines(), start=1):
         line = raw.split(" #", 1)[0].strip()
         if not line or line.startswith("#") or line.startswith("-"):
             continue  # comments and pip options (-r, --index-url, -e) are pip's business, not a package

@@ -41,10 +41,11 @@ class SuiteRun:
 
 
 def run_suite(*args: str, reports: Path, env: dict[str, str] | None = None, timeout: float = 600,
-              cwd: Path = ROOT) -> SuiteRun:
+              cwd: Path = ROOT, no_reports_dir: bool = False) -> SuiteRun:
+    """``no_reports_dir``: leave out ``--reports-dir`` (the reports go to the repository's reports/<selection>/)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--reports-dir={reports}",
-                           *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           *([] if no_reports_dir else [f"--reports-dir={reports}"]), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     return SuiteRun(proc.returncode, proc.stdout + proc.stderr, reports)
 
 

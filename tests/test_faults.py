@@ -252,8 +252,10 @@ def test_case2_unusable_config_json(model_zoo, baseline, tmp_path, broken, fragm
 
 def test_case2_no_tokenizer_files(model_zoo, baseline, tmp_path):
     run = run_gate(model_zoo.no_tokenizer, tmp_path)
-    assert_isolated_failure(run, baseline, "test_tokenizer.py::test_special_tokens_in_vocab", "no tokenizer files in",
+    assert_isolated_failure(run, baseline, "test_tokenizer.py::test_tokenizer_class_is_plans", "no tokenizer files in",
                             {"tokenizer", "model"})
+    blocked = run.outcome("test_tokenizer.py::test_special_tokens_in_vocab")
+    assert blocked["message"] == "blocked: tokenizer could not be loaded — see test_tokenizer_class_is_plans"
     assert run.outcome("test_model.py::test_weights_load")["outcome"] == "passed"
 
 

@@ -155,7 +155,12 @@ def test_suite_without_tokenizer_fails_tokenizer_checks_only(tmp_path, model_zoo
         name = c["nodeid"].split("::")[1]
         if (c["nodeid"].startswith("checks/test_tokenizer.py") and name != "test_korean_sample_loaded") \
                 or name == "test_greedy_generation":
-            assert c["outcome"] == "failed" and c["message"].startswith("tokenizer could not be loaded: no tokenizer"), c
+            assert c["outcome"] == "failed", c
+            if name == "test_tokenizer_class_is_plans":  # the owner has the full reason, the others point at it
+                assert c["message"].startswith("tokenizer could not be loaded: no tokenizer"), c
+            else:
+                assert c["message"] == ("blocked: tokenizer could not be loaded — see "
+                                        "test_tokenizer_class_is_plans"), c
         else:
             assert c["outcome"] == "passed", c
 
