@@ -28,6 +28,16 @@ def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, **kw)
 
 
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``kolora-probe ARGS`` in this process (no torch import per call); the same exit code and streams."""
+    from kolora_probe.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def assert_one_line_exit_2(r: subprocess.CompletedProcess, *fragments: str) -> str:
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
@@ -58,6 +68,7 @@ from kolora_probe.meta_model import build_meta_model
 from kolora_probe.lora_count import count_lora
 _, config = resolve_config(sys.argv[1])
 model = build_meta_model(config)
+import accelerate, peft  # noqa: E401,F401 - imported before the baseline: only the count itself is measured
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 c = count_lora(model, ["all-linear"], 256)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -66,12 +77,12 @@ print(before, after, c.lora_params, c.peft_trainable_params)
 
 
 def test_lora_count_with_a_large_rank_allocates_no_adapter_weights(tmp_path):
-    """LoRA r=256 on every linear layer of 8 LLaMA-7B-sized blocks is ~0.7 GB of fp32 adapter weights: the
+    """LoRA r=256 on every linear layer of 4 LLaMA-7B-sized blocks is ~0.35 GB of fp32 adapter weights: the
     PEFT cross-check must create them on the meta device (peak RSS grows by far less than that)."""
     from transformers import LlamaConfig
 
-    d = tmp_path / "llama7b-8layers"
-    LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+    d = tmp_path / "llama7b-4layers"
+    LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=4,
                 num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False).save_pretrained(d)
     r = subprocess.run([sys.executable, "-c", PEAK_RSS, str(d)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
@@ -79,7 +90,7 @@ def test_lora_count_with_a_large_rank_allocates_no_adapter_weights(tmp_path):
     before_kb, after_kb, lora, peft = map(int, r.stdout.split()[-4:])
     assert lora == peft                                        # PEFT still counted, on meta tensors
     adapter_bytes = lora * 4
-    assert adapter_bytes > 600e6
+    assert adapter_bytes > 300e6
     assert (after_kb - before_kb) * 1024 < adapter_bytes / 10, (before_kb, after_kb, adapter_bytes)
 
 
@@ -197,19 +208,19 @@ def test_shard_outside_the_model_directory_is_refused_by_the_gate(model_zoo, tmp
     ("vocab_size", -5, "vocab_size = -5"),
     ("n_layer", 2.5, "n_layer = 2.5"),
 ])
-def test_config_value_of_the_wrong_type_or_impossible_cli(tmp_path, key, value, shown):
+def test_config_value_of_the_wrong_type_or_impossible_cli(tmp_path, capsys, key, value, shown):
     d = gpt2_dir(tmp_path, "bad", **{key: value})
     documented("expected an integer >= 1; fix config.json")
     for command in ("analyze", "lora"):
-        line = assert_one_line_exit_2(cli(command, f"--model={d}"), str(d / "config.json"), shown,
+        line = assert_one_line_exit_2(cli_here(capsys, command, f"--model={d}"), str(d / "config.json"), shown,
                                       "expected an integer >= 1; fix config.json")
         assert line.startswith(f"kolora-probe {command}: ")
 
 
-def test_config_sizes_that_do_not_fit_together_cli(tmp_path):
+def test_config_sizes_that_do_not_fit_together_cli(tmp_path, capsys):
     d = gpt2_dir(tmp_path, "heads", n_head=5)                  # 64 is not divisible by 5 heads
     documented("transformers cannot build")
-    assert_one_line_exit_2(cli("analyze", f"--model={d}"), "transformers cannot build 'gpt2'", "divisible")
+    assert_one_line_exit_2(cli_here(capsys, "analyze", f"--model={d}"), "transformers cannot build 'gpt2'", "divisible")
 
 
 def test_config_value_of_the_wrong_type_in_the_gate(model_zoo, tmp_path):
@@ -226,10 +237,10 @@ def test_config_value_of_the_wrong_type_in_the_gate(model_zoo, tmp_path):
     assert "Traceback" not in run.output
 
 
-def test_model_path_too_long(tmp_path):
+def test_model_path_too_long(tmp_path, capsys):
     long_model = "/" + "a" * 5000
     documented("cannot be a path here")
-    line = assert_one_line_exit_2(cli("analyze", f"--model={long_model}"), "cannot be a path here",
+    line = assert_one_line_exit_2(cli_here(capsys, "analyze", f"--model={long_model}"), "cannot be a path here",
                                   "(5,001 characters)")
     assert len(line) < 600
     run = run_suite("checks/test_model.py::test_model_found", f"--model={long_model}", reports=tmp_path / "r")
