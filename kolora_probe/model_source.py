@@ -118,7 +118,7 @@ def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             attempts.append(f"hub: {type(exc).__name__}: {reason[:160]}")
     raise ModelNotFound(
-        f"model {short(model_id)} (revision {short(revision)}) not found; tried " + "; ".join(attempts)
+        f"model {short(model_id)} (revision {short(revision, quote=False)}) not found; tried " + "; ".join(attempts)
         + ". Fix: pass --model DIR with a local copy (save_pretrained), set HF_HOME to a cache that holds it, "
           "or run where the hub is reachable without HF_HUB_OFFLINE")
 
