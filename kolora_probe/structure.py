@@ -244,11 +244,14 @@ def minimal_targets(chosen: Iterable[str], all_names: Iterable[str],
     chosen_set = set(chosen)
     index = suffix_index(all_names) if index is None else index
     out: dict[str, None] = {}
+    exact: dict[str, bool] = {}      # suffix → it matches only chosen names (each suffix checked once)
     for name in sorted(chosen_set):
         parts = name.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            if all(n in chosen_set for n in index.get(suffix, ())):
+            if suffix not in exact:
+                exact[suffix] = all(n in chosen_set for n in index.get(suffix, ()))
+            if exact[suffix]:
                 out.setdefault(suffix, None)
                 break
     # drop suffixes made redundant by a shorter one already present

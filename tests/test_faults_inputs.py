@@ -105,7 +105,7 @@ def test_analyze_a_config_too_wide_to_allocate(tmp_path):
 
 
 class CountingName(str):
-    """A module name that counts the string work done on it (``split``/``endswith``/``==``)."""
+    """A module name that counts the work done on it (``split``/``endswith``/``==``/hash lookups)."""
     calls = 0
 
     def split(self, *a, **k):
@@ -120,7 +120,9 @@ class CountingName(str):
         CountingName.calls += 1
         return super().__eq__(other)
 
-    __hash__ = str.__hash__
+    def __hash__(self):             # every set/dict lookup of a name
+        CountingName.calls += 1
+        return super().__hash__()
 
 
 @pytest.mark.parametrize("blocks", [500, 2000])
@@ -133,7 +135,7 @@ def test_minimal_targets_work_is_linear_in_the_layers(blocks):
     chosen = [n for n in names if n.endswith(("q_proj", "v_proj"))]
     CountingName.calls = 0
     assert minimal_targets(chosen, names) == ("q_proj", "v_proj")
-    assert CountingName.calls <= 10 * len(names), CountingName.calls
+    assert CountingName.calls <= 20 * len(names), CountingName.calls
 
 
 # --- point 7: malformed inputs are one line -----------------------------------------------------------------
