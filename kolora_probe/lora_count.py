@@ -201,6 +201,7 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
     kinds = dict(zip(report.module_names, report.module_kinds))
     problems: list[str] = []
     failed = 0
+    no_close = False          # some unmatched target has no close name: list the model's layer names once
     matches: list[TargetMatch] = []
     for t in targets:
         named = index.get(t, ())
@@ -218,9 +219,9 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
         elif not hit:
             if len(problems) < MAX_PROBLEMS:    # difflib per unmatched name: only for the ones echoed
                 close = close_names(t, report)
-                leaves = sorted({l.leaf for l in report.layers})
-                problem = f"target {_short(t)} matches no module; " + (
-                    f"close names: {', '.join(close)}" if close else f"layer names in this model: {', '.join(leaves)}")
+                problem = f"target {_short(t)} matches no module" + (f"; close names: {', '.join(close)}" if close
+                                                                      else "")
+                no_close = no_close or not close
             else:
                 problem = "unmatched"
         if problem:
@@ -230,7 +231,9 @@ def resolve_targets(report: StructureReport, targets: Sequence[str],
         matches.append(TargetMatch(t, hit))
     if problems:
         more = f"; and {failed - len(problems):,} more of the {len(targets):,} targets" if failed > len(problems) else ""
-        raise TargetError("; ".join(problems) + more + f"; {FIX}")
+        leaves = (f"; layer names in this model: {', '.join(sorted({l.leaf for l in report.layers}))}"
+                  if no_close else "")
+        raise TargetError("; ".join(problems) + more + leaves + f"; {FIX}")
     return tuple(matches)
 
 
