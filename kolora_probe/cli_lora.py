@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)
-    from .lora_count import TargetError, count_lora
+    from .lora_count import TargetError, count_lora, echo_list
     from .meta_model import build_meta_model
 
     lo = plan.lora
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
     print(f"model: {plan.model.id} @ {plan.model.revision} ({source.kind}: {source.path})")
-    print(f"LoRA: targets={list(c.targets)} r={c.r} alpha={c.alpha:g} bias={c.bias}"
+    print(f"LoRA: targets={echo_list(c.targets)} r={c.r} alpha={c.alpha:g} bias={c.bias}"
           + (f" modules_to_save={list(c.modules_to_save)}" if c.modules_to_save else "")
           + (f" target_parameters={list(c.target_parameters)}" if c.target_parameters else ""))
     print()

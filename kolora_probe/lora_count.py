@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .lora_config import is_all_linear
-from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target
+from .structure import CONV1D, EMBEDDING, Layer, StructureReport, matches_target, suffix_index
 
 FIX = "fix [lora].target_modules or --targets"
 PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
@@ -184,40 +184,72 @@ def _excluded_by_modules_to_save(name: str, modules_to_save: Sequence[str]) -> b
 def resolve_targets(report: StructureReport, targets: Sequence[str],
                     modules_to_save: Sequence[str] = ()) -> tuple[TargetMatch, ...]:
     """Match each target like PEFT. Raises TargetError for an empty list, unmatched or unsupported names."""
-    targets = [t.strip() for t in targets]
+    targets = list(dict.fromkeys(t.strip() for t in targets))   # PEFT keeps target_modules as a set
     if not targets or not all(targets):
         raise TargetError(f"LoRA target list is empty; name at least one layer, e.g. "
                           f"{', '.join(report.suggested[0].targets) if report.suggested else 'lm_head'}; {FIX}")
-    layer_names = [l.name for l in report.layers if not _excluded_by_modules_to_save(l.name, modules_to_save)]
+    layer_set = {l.name for l in report.layers}
+    allowed = {n for n in layer_set if not _excluded_by_modules_to_save(n, modules_to_save)}
+    layer_names = [l.name for l in report.layers if l.name in allowed]
     if is_all_linear(targets):
         # PEFT's shorthand: every Linear/Conv1D layer except the output embedding (embeddings are not Linear)
         hit = tuple(n for n in layer_names if report.layer(n).kind != EMBEDDING and report.layer(n).role != "output_head")
         if not hit:
             raise TargetError(f"target 'all-linear' matches no Linear/Conv1D layer besides the head; {FIX}")
         return (TargetMatch(targets[0], hit),)
+    index = suffix_index(report.module_names)     # one pass over the modules, then one lookup per target
+    kinds = dict(zip(report.module_names, report.module_kinds))
     problems: list[str] = []
+    failed = 0
+    no_close = False          # some unmatched target has no close name: list the model's layer names once
     matches: list[TargetMatch] = []
     for t in targets:
-        hit = tuple(n for n in layer_names if matches_target(n, t))
-        other = sorted({k for n, k in zip(report.module_names, report.module_kinds)
-                        if matches_target(n, t) and n not in {l.name for l in report.layers}})
+        named = index.get(t, ())
+        hit = tuple(n for n in named if n in allowed)
+        other = sorted({kinds[n] for n in named if n not in layer_set})
+        problem = None
         if other:
-            inside = sorted({l.leaf for l in report.layers if any(l.name.startswith(n + ".")
-                             for n in report.module_names if matches_target(n, t))})
-            problems.append(f"target {t!r} matches modules LoRA cannot wrap ({', '.join(other)})"
-                            + (f"; name a layer inside instead: {', '.join(inside)}" if inside else ""))
-        elif not hit and any(matches_target(l.name, t) for l in report.layers):
-            problems.append(f"target {t!r} only matches layers that modules_to_save {list(modules_to_save)} "
-                            f"also names (PEFT never adapts those); remove it from one of the two lists")
+            inside = sorted({l.leaf for n in named if n not in layer_set for l in report.layers
+                             if l.name.startswith(n + ".")}) if len(problems) < MAX_PROBLEMS else []
+            problem = (f"target {_short(t)} matches modules LoRA cannot wrap ({', '.join(other)})"
+                       + (f"; name a layer inside instead: {', '.join(inside)}" if inside else ""))
+        elif not hit and named:
+            problem = (f"target {_short(t)} only matches layers that modules_to_save {list(modules_to_save)} "
+                       f"also names (PEFT never adapts those); remove it from one of the two lists")
         elif not hit:
-            close = close_names(t, report)
-            leaves = sorted({l.leaf for l in report.layers})
-            problems.append(f"target {t!r} matches no module; " + (
-                f"close names: {', '.join(close)}" if close else f"layer names in this model: {', '.join(leaves)}"))
+            if len(problems) < MAX_PROBLEMS:    # difflib per unmatched name: only for the ones echoed
+                close = close_names(t, report)
+                problem = f"target {_short(t)} matches no module" + (f"; close names: {', '.join(close)}" if close
+                                                                      else "")
+                no_close = no_close or not close
+            else:
+                problem = "unmatched"
+        if problem:
+            failed += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(problem)
         matches.append(TargetMatch(t, hit))
     if problems:
-        raise TargetError("; ".join(problems) + f"; {FIX}")
+        more = f"; and {failed - len(problems):,} more of the {len(targets):,} targets" if failed > len(problems) else ""
+        leaves = (f"; layer names in this model: {', '.join(sorted({l.leaf for l in report.layers}))}"
+                  if no_close else "")
+        raise TargetError("; ".join(problems) + more + leaves + f"; {FIX}")
     return tuple(matches)
+
+
+MAX_PROBLEMS = 5        # a target list of millions of names is reported by its first few problems and a count
+MAX_ECHO = 80           # characters of one user-supplied name echoed in a message
+
+
+def _short(name: str) -> str:
+    """``repr(name)``, cut to :data:`MAX_ECHO` characters (a message names the input, it does not replay it)."""
+    return repr(name) if len(name) <= MAX_ECHO else repr(name[:MAX_ECHO]) + f"… ({len(name):,} characters)"
+
+
+def echo_list(items: Sequence[str], limit: int = 10) -> str:
+    """A list for one line of output: the first ``limit`` items and how many more."""
+    shown = ", ".join(_short(x) for x in items[:limit])
+    return f"[{shown}" + (f", … {len(items) - limit:,} more]" if len(items) > limit else "]")
 
 
 # --- counting ----------------------------------------------------------------------------------------
@@ -316,7 +348,7 @@ def count_lora(model: Any, targets: Sequence[str], r: int, alpha: float | None =
         raise ValueError(f"LoRA rank r={r} is invalid; expected an integer >= 1")
     alpha = float(alpha if alpha is not None else 2 * r)
     report = report or analyze_model(model)
-    targets = tuple(t.strip() for t in targets)
+    targets = tuple(dict.fromkeys(t.strip() for t in targets))   # PEFT keeps target_modules as a set
     modules_to_save = tuple(modules_to_save)
     matches = resolve_targets(report, targets, modules_to_save)
     targeted_names = {n for m in matches for n in m.modules}
@@ -394,16 +426,21 @@ def peft_count(model: Any, targets: Sequence[str], r: int, alpha: float, bias: s
                target_parameters: Sequence[str] = ()) -> tuple[int, int, tuple[str, ...]]:
     """(trainable, all, warnings) from PEFT's ``get_nb_trainable_parameters()``; ``model`` is modified in place.
 
-    Dropout is 0: it adds no parameters, so the count does not depend on it."""
+    Dropout is 0: it adds no parameters, so the count does not depend on it. The adapter weights are created on
+    the meta device (accelerate's ``init_empty_weights``, PEFT's ``low_cpu_mem_usage``): counting LoRA r=256 on
+    every linear layer of a 70B config allocates nothing."""
     from peft import get_peft_model
 
     from .lora_config import peft_lora_config
 
     config = peft_lora_config(targets, r, alpha, 0.0, bias, modules_to_save, fan_in_fan_out=conv1d,
                               target_parameters=target_parameters)
-    with warnings.catch_warnings(record=True) as caught:
+    from accelerate import init_empty_weights
+
+    # the adapters PEFT adds are meta tensors too: nothing sized r × (in + out) is allocated for a count
+    with warnings.catch_warnings(record=True) as caught, init_empty_weights():
         warnings.simplefilter("always")
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
         trainable, total = peft_model.get_nb_trainable_parameters()
     msgs = tuple(dict.fromkeys(str(w.message).splitlines()[0][:300] for w in caught
                                if "deprecated" not in str(w.message)))

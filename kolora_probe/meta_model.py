@@ -1,6 +1,9 @@
 """Build a causal LM on the meta device from its config: structure and parameter shapes, no weights, no memory.
 
-Uses accelerate's ``init_empty_weights``. Some construction paths lose weight tying on the meta device
+Uses ``torch.device("meta")`` (every tensor created during construction, e.g. a ``Conv1D``'s ``torch.empty``,
+is a meta tensor: nothing sized by the config is ever allocated, as in transformers' own ``from_pretrained``) and
+accelerate's ``init_empty_weights``; transformers' ``no_init_weights`` skips the random initialisation a meta
+tensor has no use for (it made a 10,000-layer config take minutes). Some construction paths lose weight tying on the meta device
 (e.g. GPT-2's ``lm_head`` ↔ ``transformer.wte``), which would over-count parameters by the head's size;
 :func:`build_meta_model` re-applies the config's tying so shared parameters exist once.
 """
@@ -31,10 +34,21 @@ def build_meta_model(config, dtype: str = "fp32"):
     """Instantiate ``AutoModelForCausalLM`` for ``config`` on the meta device with tied weights restored."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     require_causal_lm(config)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
+    try:
+        with torch.device("meta"), init_empty_weights(include_buffers=True), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=torch_dtype(dtype))
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError, AttributeError, IndexError) as exc:
+        from .model_source import ModelConfigError, short
+
+        where = getattr(config, "name_or_path", "") or "the model's"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelConfigError(
+            f"{where}/config.json: transformers cannot build {getattr(config, 'model_type', '?')!r} from it "
+            f"({type(exc).__name__}: {short(first, 200, quote=False)}); an impossible size or head count; fix "
+            f"config.json (re-download it or write it with save_pretrained())") from None
     if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "get_text_config", lambda: config)(),
                                                                  "tie_word_embeddings", False):
         model.tie_weights()

@@ -103,22 +103,32 @@ def check_safetensors(path: Path) -> SafetensorsInfo:
             header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelLoadError(f"{path.name}: unreadable safetensors header ({exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path.name}: malformed safetensors header (a JSON {type(header).__name__}, not an "
+                             f"object of tensors); {fix}")
     end = 0
     tensors = 0
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, stop = meta["data_offsets"]
-            numel = 1
-            for d in meta["shape"]:
-                numel *= int(d)
-            want = numel * _DTYPE_BYTES.get(meta["dtype"], 0) if meta["dtype"] in _DTYPE_BYTES else stop - start
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{path.name}: malformed safetensors header entry {name!r}; {fix}") from None
+        entry = f"{path.name}: malformed safetensors header entry {name[:80]!r}"
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{entry} (a JSON {type(meta).__name__}, not an object); {fix}")
+        offsets, shape, dtype = meta.get("data_offsets"), meta.get("shape"), meta.get("dtype")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+            raise ModelLoadError(f"{entry} (data_offsets {str(offsets)[:60]} is not two integers >= 0); {fix}")
+        if not (isinstance(shape, list) and all(_is_count(x) for x in shape)):
+            raise ModelLoadError(f"{entry} (shape {str(shape)[:60]} is not a list of integers >= 0); {fix}")
+        if not isinstance(dtype, str):
+            raise ModelLoadError(f"{entry} (dtype {str(dtype)[:60]} is not a string); {fix}")
+        start, stop = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        want = numel * _DTYPE_BYTES[dtype] if dtype in _DTYPE_BYTES else stop - start
         if stop - start != want or stop < start:
-            raise ModelLoadError(f"{path.name}: tensor {name} occupies {stop - start} bytes but dtype {meta['dtype']} "
-                                 f"× shape {meta['shape']} needs {want}; {fix}")
+            raise ModelLoadError(f"{path.name}: tensor {name[:80]} occupies {stop - start} bytes but dtype {dtype} "
+                                 f"× shape {shape} needs {want}; {fix}")
         end = max(end, stop)
         tensors += 1
     if 8 + n + end > size:
@@ -127,12 +137,37 @@ def check_safetensors(path: Path) -> SafetensorsInfo:
     return SafetensorsInfo(path, tensors, n, end, size)
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _shards(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` lists: plain names of files beside the index. A shard
+    outside the model directory (``../other/model.safetensors``, an absolute path) is refused: it would load
+    another model's weights."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    fix = "fix: re-download or re-save the model"
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-        return sorted(set(data["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelLoadError(f"{index}: unreadable shard index ({exc}); fix: re-download or re-save the model") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{index}: unreadable shard index ({str(exc)[:200]}); {fix}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelLoadError(f"{index}: malformed shard index (no weight_map object of tensor → file); {fix}")
+    shards = set()
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ModelLoadError(f"{index}: malformed shard index (weight_map[{tensor[:80]!r}] is "
+                                 f"{str(shard)[:60]}, not a file name); {fix}")
+        shards.add(shard)
+    for shard in shards:
+        posix, win = PurePosixPath(shard), PureWindowsPath(shard)
+        if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
+            raise ModelLoadError(f"{index} lists shard {shard[:200]!r}, outside the model directory {index.parent}: "
+                                 f"refused (it would load another model's weights); {fix} so that every shard is a "
+                                 f"file inside the model directory")
+    return sorted(shards)
 
 
 def verify_bin_weights_only(path: Path) -> None:
@@ -145,12 +180,29 @@ def verify_bin_weights_only(path: Path) -> None:
     try:
         torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        specific = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", (specific or lines or [type(exc).__name__])[0]).split(". Please")[0]
+        reason = refusal_reason(exc)
         raise ModelLoadError(
-            f"{path.name} refused: it is not a plain weights pickle (torch.load weights_only=True: {reason[:200]}); "
+            f"{path.name} refused: it is not a plain weights pickle (torch.load weights_only=True: {reason}); "
             f"kolora-probe never unpickles arbitrary objects; fix: use a model.safetensors copy of this model") from None
+
+
+# PyTorch's weights-only refusal also advises re-running with weights_only=False: that advice is never repeated
+_UNSAFE_ADVICE = ("weights_only", "trust", "two options", "Alternatively", "documentation", "add_safe_globals")
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in a few words: the global the pickle would have called
+    (``posix.system``, ``exec``) or the unpickler's own error, never PyTorch's advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = (re.search(r"unsupported GLOBAL ([\w.]+) whose module ([\w.]+) is blocked", text)
+         or re.search(r"Unsupported global: GLOBAL ([\w.]+)", text))
+    if m:
+        return f"unsupported global {m.group(1)}" + (f" (module {m.group(2)} is blocked)" if m.lastindex == 2 else "")
+    m = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\.?$)", text, re.M)
+    if m and not any(w in m.group(1) for w in _UNSAFE_ADVICE):
+        return m.group(1)[:160]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not any(w in ln for w in _UNSAFE_ADVICE)]
+    return (lines[0][:160] if lines else type(exc).__name__)
 
 
 def find_weights(source: ModelSource) -> tuple[str, tuple[Path, ...]]:

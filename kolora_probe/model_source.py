@@ -43,6 +43,39 @@ class ModelSource:
         return tuple(sorted(p.name for p in self.path.iterdir() if p.is_file()))
 
 
+def short(text: str, limit: int = 200, quote: bool = True) -> str:
+    """``text`` for a one-line message (repr'd unless ``quote`` is False), cut to ``limit`` characters with the
+    full length named: a 5,000-character option is identified, not replayed."""
+    if len(text) <= limit:
+        return repr(text) if quote else text
+    cut = text[:limit]
+    return (repr(cut) if quote else cut) + f"… ({len(text):,} characters)"
+
+
+# config.json keys that size the model: each must be an integer >= 1 when present (null: the class's default)
+SIZE_KEYS = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
+             "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "ffn_dim",
+             "n_positions", "max_position_embeddings", "head_dim", "num_local_experts", "num_experts")
+
+
+def check_sizes(raw: dict, path: Path) -> None:
+    """Raise ModelConfigError naming the first size key of ``raw`` (config.json) that is not an integer >= 1."""
+    for key in SIZE_KEYS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelConfigError(f"{path}: {key} = {short(json_text(value), 60, quote=False)} is invalid; "
+                                   f"expected an integer >= 1; fix config.json (re-download it or write it with "
+                                   f"save_pretrained())")
+
+
+def json_text(value) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)
+
+
 def hub_offline() -> bool:
     """True when huggingface_hub is told not to use the network (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
     from huggingface_hub import constants
@@ -139,15 +172,21 @@ def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
     """Find ``config.json`` for ``model_id``: local dir, then HF cache, then the hub (unless offline)."""
     attempts: list[str] = []
     local = Path(model_id).expanduser()
-    if local.is_dir():
+    try:
+        is_dir = local.is_dir()
+    except (OSError, ValueError) as exc:    # ENAMETOOLONG, a NUL byte, ...
+        raise ModelNotFound(f"model {short(model_id)} cannot be a path here ({type(exc).__name__}: "
+                            f"{getattr(exc, 'strerror', None) or exc}); fix: pass --model (or [model].id) a hub id "
+                            f"(org/name) or an existing directory") from None
+    if is_dir:
         if (local / "config.json").is_file():
             return ModelSource(model_id, "local", local.resolve(), revision, (f"local directory {local}: found",))
         raise ModelNotFound(
             f"model directory {local} has no config.json; fix: point --model (or [model].id in the plan) at a directory "
             f"written by save_pretrained(), or add its config.json")
-    attempts.append(f"local directory {local}: does not exist")
+    attempts.append(f"local directory {short(str(local), quote=False)}: does not exist")
     if not _looks_like_repo_id(model_id):
-        raise ModelNotFound(f"model {model_id!r} not found: {'; '.join(attempts)}; it is not a hub id either "
+        raise ModelNotFound(f"model {short(model_id)} not found: {'; '.join(attempts)}; it is not a hub id either "
                             f"(org/name); fix --model or [model].id in the plan")
 
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
@@ -171,7 +210,7 @@ def resolve_model_source(model_id: str, revision: str = "main") -> ModelSource:
                 mark_hub_unreachable(exc)
             attempts.append(f"hub: {one_line(exc)}")
     raise ModelNotFound(
-        f"model {model_id!r} (revision {revision}) not found; tried " + "; ".join(attempts)
+        f"model {short(model_id)} (revision {short(revision, quote=False)}) not found; tried " + "; ".join(attempts)
         + ". Fix: pass --model DIR with a local copy (save_pretrained), set HF_HOME to a cache that holds it, "
           "or run where the hub is reachable without HF_HUB_OFFLINE")
 
@@ -191,6 +230,7 @@ def load_config(source: ModelSource):
     if not isinstance(raw, dict):
         raise ModelConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object; fix: re-download it or "
                                f"write it with save_pretrained()")
+    check_sizes(raw, path)
     if "auto_map" in raw:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -199,8 +239,18 @@ def load_config(source: ModelSource):
                 f"{source.model_id}: config.json declares auto_map (custom code) and model_type "
                 f"{raw.get('model_type')!r} is not built into transformers; kolora-probe never sets "
                 f"trust_remote_code=True. Fix: use a model whose architecture transformers ships, or a converted copy")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False)
+    except (StrictDataclassError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        # a value of the wrong type or an impossible one (e.g. "vocab_size": "1600"): transformers' own validation
+        import transformers
+
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise ModelConfigError(f"{path}: transformers {transformers.__version__} rejects it ("
+                               f"{short(' '.join(lines), 240, quote=False)}); fix config.json (re-download it or "
+                               f"write it with save_pretrained())") from None
     except (ValueError, KeyError) as exc:
         if "trust_remote_code" in str(exc):
             raise RemoteCodeRefused(f"{source.model_id}: needs trust_remote_code=True, which kolora-probe refuses "

@@ -371,24 +371,36 @@ class LiveView:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self._open_line = False
+        self.closed = False       # the reader went away (``| head -2``): nothing more is shown
+
+    def _write(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):   # closed pipe / closed file
+            self.closed = True
+            try:   # later writes and the interpreter's final flush must not raise either
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def note(self, text: str) -> None:
         self._end_line()
-        print(text, file=self.stream, flush=True)
+        self._write(text + "\n")
 
     def show(self, s: Sample) -> None:
         line = format_sample(s)
         if self.tty:
-            self.stream.write("\r\x1b[K" + line)
-            self.stream.flush()
+            self._write("\r\x1b[K" + line)
             self._open_line = True
         else:
-            print(line, file=self.stream, flush=True)
+            self._write(line + "\n")
 
     def _end_line(self) -> None:
         if self._open_line:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self._open_line = False
 
     def close(self) -> None:
@@ -428,6 +440,8 @@ class Monitor:
         self._gpu_ok = False
         self._reported_errors: set[str] = set()
         self._stop = threading.Event()
+        self._wake_r: int | None = None   # self-pipe a signal handler writes to (see stop_on_signal)
+        self._wake_w: int | None = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
         self._summary: MonitorSummary | None = None
@@ -488,6 +502,9 @@ class Monitor:
             self.live.note(f"GPU read failed: {error}")
         if self.live:
             self.live.show(s)
+            if getattr(self.live, "closed", False):
+                self.stop_reason = "stdout closed"
+                self._stop.set()
         return s
 
     def _record(self, s: Sample) -> None:
@@ -528,11 +545,51 @@ class Monitor:
                 after_sample()
             k += 1
             next_at = start + k * self.interval_s
-            if duration_s is not None and next_at - start > duration_s + 1e-6:
+            # wall time, not a count of intervals (an interval of 1e-300 s must not run forever)
+            if duration_s is not None and (next_at - start > duration_s + 1e-6
+                                           or time.monotonic() - start >= duration_s):
                 self.stop_reason = "duration"
                 return
-            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+            if self._wait(max(0.0, next_at - time.monotonic())):
                 return
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for a stop request; True when one came. With :meth:`stop_on_signal` active the
+        wait is a ``select`` on the self-pipe the handler writes to (a handler never touches a lock)."""
+        if self._stop.is_set():
+            return True
+        if self._wake_r is None or threading.current_thread() is not threading.main_thread():
+            return self._stop.wait(timeout)
+        import select
+
+        readable, _, _ = select.select([self._wake_r], [], [], timeout)
+        if readable:
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+        return self._stop.is_set() or bool(readable)
+
+    def stop_on_signal(self, signum: int, reason: str) -> Callable[[], None]:
+        """Make ``signum`` stop :meth:`run` (main thread only); returns a function restoring the old handler.
+
+        The handler only stores the reason and writes one byte to a self-pipe: calling ``Event.set()`` from a
+        handler can deadlock when the signal lands while the main thread holds the event's lock."""
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        wake_w = self._wake_w
+
+        def handler(_signum, _frame) -> None:
+            self.stop_reason = reason
+            try:
+                os.write(wake_w, b"\0")
+            except OSError:
+                pass
+
+        previous = signal.signal(signum, handler)
+        return lambda: signal.signal(signum, previous)
 
     def _finish_shielded(self) -> MonitorSummary:
         """:meth:`finish` with a second Ctrl-C ignored while the summary and timeline are written."""
@@ -597,6 +654,10 @@ class Monitor:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
         try:
             self.gpu_source.close()
         except Exception:  # noqa: BLE001
@@ -653,11 +714,19 @@ def describe_summary(summary: MonitorSummary) -> list[str]:
     return lines
 
 
+MIN_INTERVAL_S = 0.01        # NVML's own counters update no faster; a smaller interval only burns a core
+MAX_INTERVAL_S = 86_400.0
+
+
 def run(args: argparse.Namespace) -> int:
     if not (args.interval > 0) or math.isinf(args.interval):
         print(f"kolora-probe monitor: --interval must be > 0 seconds, got {args.interval}", file=sys.stderr)
         return 2
-    if args.duration is not None and not args.duration >= 0:
+    if not MIN_INTERVAL_S <= args.interval <= MAX_INTERVAL_S:
+        print(f"kolora-probe monitor: --interval {args.interval:g} is out of range; fix: give --interval between "
+              f"{MIN_INTERVAL_S:g} and {MAX_INTERVAL_S:g} seconds", file=sys.stderr)
+        return 2
+    if args.duration is not None and not (args.duration >= 0 and math.isfinite(args.duration)):
         print(f"kolora-probe monitor: --duration must be >= 0 seconds, got {args.duration}", file=sys.stderr)
         return 2
     try:
@@ -666,17 +735,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"kolora-probe monitor: cannot watch process {args.pid}: {exc}", file=sys.stderr)
         return 2
     out = Path(args.output) if args.output else _default_output()
-    monitor = Monitor(out, args.interval, system_source=system, live=LiveView(sys.stdout))
-    previous = None
+    live = LiveView(sys.stdout)
+    monitor = Monitor(out, args.interval, system_source=system, live=live)
+    try:
+        monitor.open()
+    except OSError as exc:   # --output is a file, unwritable, too long a name, ...
+        print(f"kolora-probe monitor: --output {str(out)[:200]} is not a writable directory "
+              f"({type(exc).__name__}: {exc.strerror or exc}); fix: pass --output a directory you can write to",
+              file=sys.stderr)
+        return 2
+    restore = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: monitor.request_stop("SIGTERM"))
+        restore = monitor.stop_on_signal(signal.SIGTERM, "SIGTERM")
     try:
         summary = monitor.run(args.duration)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if restore is not None:
+            restore()
     for line in describe_summary(summary):
-        print(line)
+        live.note(line)      # a closed stdout (``| head -2``) is not an error: the files are written
     return 0
 
 

@@ -106,10 +106,11 @@ class StructureReport:
         return {role: tuple(l for l in self.layers if l.role == role) for role in ROLES}
 
     def layer(self, name: str) -> Layer:
-        for l in self.layers:
-            if l.name == name:
-                return l
-        raise KeyError(name)
+        by_name = self.__dict__.get("_by_name")
+        if by_name is None:   # built once (frozen dataclass: stored past __setattr__)
+            by_name = {l.name: l for l in self.layers}
+            object.__setattr__(self, "_by_name", by_name)
+        return by_name[name]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +132,17 @@ class StructureReport:
 def matches_target(module_name: str, target: str) -> bool:
     """PEFT's list-form target matching: exact name or a dotted suffix."""
     return module_name == target or module_name.endswith("." + target)
+
+
+def suffix_index(names: Iterable[str]) -> dict[str, list[str]]:
+    """Every dotted suffix of every name → the names it matches (``matches_target``), built in one pass over the
+    names: looking a target up is then O(1) instead of a scan of all modules per target."""
+    index: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        for k in range(len(parts)):
+            index.setdefault(".".join(parts[k:]), []).append(name)
+    return index
 
 
 # --- layer classification ----------------------------------------------------------------------------
@@ -225,22 +237,25 @@ def role_of(name: str, kind: str, family: str, is_output_head: bool) -> str:
 
 
 # --- target-set suggestion ---------------------------------------------------------------------------
-def minimal_targets(chosen: Iterable[str], all_names: Iterable[str]) -> tuple[str, ...]:
-    """Shortest PEFT target names (dotted suffixes) that match exactly ``chosen`` among ``all_names``."""
+def minimal_targets(chosen: Iterable[str], all_names: Iterable[str],
+                    index: dict[str, list[str]] | None = None) -> tuple[str, ...]:
+    """Shortest PEFT target names (dotted suffixes) that match exactly ``chosen`` among ``all_names``
+    (linear in the number of modules: each suffix's matches come from :func:`suffix_index`)."""
     chosen_set = set(chosen)
-    names = list(all_names)
-    out: list[str] = []
+    index = suffix_index(all_names) if index is None else index
+    out: dict[str, None] = {}
+    exact: dict[str, bool] = {}      # suffix → it matches only chosen names (each suffix checked once)
     for name in sorted(chosen_set):
         parts = name.split(".")
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            matched = {n for n in names if matches_target(n, suffix)}
-            if matched <= chosen_set:
-                if suffix not in out:
-                    out.append(suffix)
+            if suffix not in exact:
+                exact[suffix] = all(n in chosen_set for n in index.get(suffix, ()))
+            if exact[suffix]:
+                out.setdefault(suffix, None)
                 break
     # drop suffixes made redundant by a shorter one already present
-    return tuple(t for t in out if not any(o != t and matches_target(t, o) for o in out))
+    return tuple(t for t in out if not any(".".join(t.split(".")[k:]) in out for k in range(1, t.count(".") + 1)))
 
 
 def _suggest(layers: tuple[Layer, ...], module_names: tuple[str, ...]) -> tuple[TargetSet, ...]:
@@ -248,15 +263,16 @@ def _suggest(layers: tuple[Layer, ...], module_names: tuple[str, ...]) -> tuple[
     sets = (("attention-only", ("attention",), ("attention",)),
             ("attention+mlp", ("attention", "mlp"), ("attention", "mlp")),
             ("all-linear-without-head", ("attention", "mlp", "other"), ()))
-    linear_names = [l.name for l in layers if l.role != "embedding"]
+    linear_names = {l.name for l in layers if l.role != "embedding"}
     present = {l.role for l in layers}
+    index = suffix_index(module_names)
     out = []
     for name, roles, required in sets:
         chosen = [l.name for l in layers if l.role in roles]
         if not chosen or not set(required) <= present:
             continue   # e.g. no attention+mlp on a mixture-of-experts model whose MLP holds no Linear layer
-        targets = minimal_targets(chosen, module_names)
-        matched = sum(1 for n in linear_names if any(matches_target(n, t) for t in targets))
+        targets = minimal_targets(chosen, module_names, index)
+        matched = len({n for t in targets for n in index.get(t, ()) if n in linear_names})
         out.append(TargetSet(name, targets, matched))
     return tuple(out)
 
