@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| measured | median wall s | reference | median wall s | wall ratio | CPU ratio | RSS MiB (ratio) | exit |",
+    lines = ["| measured | median wall s | reference | median wall s | wall ratio | CPU ratio | RSS MiB (ratio) "
+             "| exit |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         lines.append(f"| {r['name']} | {r['median_wall_s']:.1f} | {r['reference']} | "

@@ -122,7 +122,7 @@ def test_tokenizer_model_agreement(lm_agreement_result, evidence):
                                          "sample": "every line of the sample used"}[a.stopped])
     evidence("agreement_seconds", round(a.seconds, 3), unit="s", note=f"{a.threads} threads")
     assert a.passed, (f"mean LM loss {a.mean_loss:.3f} on the Korean sample is not below "
-                      f"{a.max_loss_fraction} × ln({a.vocab_size}) = {a.threshold:.3f} (perplexity {a.perplexity:.1f}; "
-                      f"{a.predicted_tokens} of {a.sample_tokens} tokens): "
+                      f"{a.max_loss_fraction} × ln({a.vocab_size}) = {a.threshold:.3f} "
+                      f"(perplexity {a.perplexity:.1f}; {a.predicted_tokens} of {a.sample_tokens} tokens): "
                       f"the weights are untrained/corrupt or the tokenizer is not the model's; load the model's own "
                       f"tokenizer ([model].tokenizer_class, special_tokens) and its real weights")
