@@ -10,8 +10,8 @@ Three pairs, each measured alternately (A B A B …) so that a loaded machine sl
   ``python -c "import transformers, peft"``.
 * ``estimate <plan>`` – ``kolora-probe estimate`` on each shipped plan (``--model`` = the same config) vs the import.
 
-Each command runs in a fresh interpreter (``subprocess`` + ``os.wait4``): wall seconds, CPU seconds (user + sys)
-and peak RSS of that process. Results: ``benchmarks/results/gate_speed.json`` and a table on stdout.
+Each command runs in a fresh interpreter (``subprocess`` + ``os.wait4`` in a small launcher, so that peak RSS is
+the command's own): wall seconds, CPU seconds (user + sys) and peak RSS of that process. Results: ``benchmarks/results/gate_speed.json`` and a table on stdout.
 
 usage: python benchmarks/gate_speed.py [--reps 3] [--only weights,config,estimate] [--out FILE]
 """
@@ -48,17 +48,20 @@ def build_checkpoint(target: Path, zoo) -> Path:
     return target
 
 
+# The command runs under a small launcher that measures it: a process's peak RSS (ru_maxrss) starts from its
+# parent's at exec on Linux, so a child of this (torch-importing) script would report at least our own RSS.
+LAUNCHER = ("import json, os, subprocess, sys, time; t0 = time.perf_counter(); "
+            "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); _, st, ru = os.wait4(p.pid, 0); "
+            "print(json.dumps([time.perf_counter() - t0, os.waitstatus_to_exitcode(st), "
+            "ru.ru_utime + ru.ru_stime, ru.ru_maxrss]))")
+
+
 def run_once(argv: list[str], env: dict[str, str]) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.stderr.close()
-    rc = os.waitstatus_to_exitcode(status)
-    return {"wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-            "max_rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": rc,
-            **({"stderr_tail": err[-400:]} if rc not in (0, 1) else {})}
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    wall, rc, cpu, maxrss_kib = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "max_rss_mib": round(maxrss_kib / 1024, 1),
+            "rc": rc, **({"stderr_tail": proc.stderr[-400:]} if rc not in (0, 1) else {})}
 
 
 def median(runs: list[dict], key: str) -> float:
