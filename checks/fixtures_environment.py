@@ -1,11 +1,12 @@
-"""Fixtures for the environment checks: machine facts and the requirements file's packages."""
+"""Fixtures for the environment checks: machine facts (probed once per session, shared with the reports), the
+libraries imported once, and the requirements file's packages."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from kolora_probe.environment import EnvironmentFacts, collect_environment
+from kolora_probe.environment import EnvironmentFacts, LibraryImport, collect_environment, import_libraries
 from kolora_probe.requirements_check import RequirementsFileError, check_requirements
 
 
@@ -28,6 +29,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def environment_facts() -> EnvironmentFacts:
     return collect_environment()
+
+
+@pytest.fixture(scope="session")
+def library_imports() -> tuple[LibraryImport, ...]:
+    """transformers, peft and accelerate imported once for the session (each import's seconds or error)."""
+    return import_libraries(("transformers", "peft", "accelerate"))
 
 
 @pytest.fixture(scope="session")

@@ -89,11 +89,10 @@ def test_bitsandbytes_nf4_round_trip_cpu(environment_facts, evidence):
         f"NF4 error {r.quantization_error:.3g} > {NF4_MAX_RELATIVE_ERROR} (expected ~0.09)")
 
 
-def test_peft_importable(evidence):
-    """PEFT, transformers and accelerate import together (their versions are recorded)."""
-    import peft  # noqa: F401 - the import is the check
-    import accelerate  # noqa: F401
-    import transformers  # noqa: F401
-
-    for name in ("peft", "transformers", "accelerate"):
-        evidence(f"{name}_version", installed_version(name))
+def test_peft_importable(library_imports, evidence):
+    """PEFT, transformers and accelerate import together (their versions and import seconds are recorded)."""
+    for lib in library_imports:
+        evidence(f"{lib.name}_version", lib.version)
+        evidence(f"{lib.name}_import_seconds", round(lib.seconds, 3), unit="s")
+    broken = [f"import {lib.name} failed ({lib.error})" for lib in library_imports if lib.error]
+    assert not broken, "; ".join(broken) + "; fix: pip install -r requirements.txt"

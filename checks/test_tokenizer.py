@@ -111,9 +111,18 @@ def test_tokenizer_model_agreement(lm_agreement_result, evidence):
     evidence("perplexity", round(a.perplexity, 3))
     evidence("ln_vocab", round(a.ln_vocab, 4))
     evidence("loss_fraction_of_ln_vocab", round(a.loss_fraction, 4), expected=f"< {a.max_loss_fraction}")
-    evidence("predicted_tokens", a.predicted_tokens)
-    evidence("agreement_seconds", round(a.seconds, 3), unit="s")
+    evidence("predicted_tokens", a.predicted_tokens, note=f"of {a.sample_tokens} in the sample; {a.lines_used} "
+             f"of {a.lines} lines")
+    lo, hi = a.interval
+    evidence("loss_interval", [round(lo, 4), round(hi, 4)] if lo == lo else None,
+             expected=f"entirely < or >= {a.threshold:.4f}", unit="nats/token",
+             note=f"mean ± {a.z if a.z is not None else 4:g} standard errors (lines as units)")
+    evidence("stopped", a.stopped, note={"decided": "the interval is clear of the threshold",
+                                         "budget": f"token budget {a.token_budget} reached",
+                                         "sample": "every line of the sample used"}[a.stopped])
+    evidence("agreement_seconds", round(a.seconds, 3), unit="s", note=f"{a.threads} threads")
     assert a.passed, (f"mean LM loss {a.mean_loss:.3f} on the Korean sample is not below "
-                      f"{a.max_loss_fraction} × ln({a.vocab_size}) = {a.threshold:.3f} (perplexity {a.perplexity:.1f}): "
+                      f"{a.max_loss_fraction} × ln({a.vocab_size}) = {a.threshold:.3f} "
+                      f"(perplexity {a.perplexity:.1f}; {a.predicted_tokens} of {a.sample_tokens} tokens): "
                       f"the weights are untrained/corrupt or the tokenizer is not the model's; load the model's own "
                       f"tokenizer ([model].tokenizer_class, special_tokens) and its real weights")

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 
 DEFAULT_PROMPT = "오늘 날씨가 좋아서"
+DEFAULT_NEW_TOKENS = 4   # proves it runs and decodes; each token is one more forward pass of the model
 
 
 @dataclass(frozen=True)
@@ -23,9 +24,17 @@ class Generation:
         return len(self.new_token_ids)
 
 
-def greedy_generate(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 12) -> Generation:
-    """Greedy loop (argmax of the last position) so every step's logits are checked for NaN/inf."""
+def greedy_generate(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_NEW_TOKENS,
+                    use_cache: bool = True, threads: int | None = None) -> Generation:
+    """Greedy loop (argmax of the last position) so every step's logits are checked for NaN/inf.
+
+    With ``use_cache`` (default) the prompt is run once and each step feeds only the new token with the model's
+    key/value cache, as ``generate()`` does; without it every step re-runs the whole sequence. Runs under
+    ``torch.inference_mode()`` with ``threads`` (default: :func:`kolora_probe.environment.usable_threads`).
+    """
     import torch
+
+    from .environment import torch_threads, usable_threads
 
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if not ids:
@@ -36,13 +45,17 @@ def greedy_generate(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_toke
     new: list[int] = []
     finite = True
     stopped = False
+    cache = None
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch_threads(threads or usable_threads()), torch.inference_mode():
         for _ in range(max_new_tokens):
             if len(ids) + len(new) >= n_pos:
                 break
-            inp = torch.tensor([ids + new], dtype=torch.long, device=device)
-            logits = model(input_ids=inp).logits[0, -1].float()
+            step = [new[-1]] if cache is not None else ids + new
+            out = model(input_ids=torch.tensor([step], dtype=torch.long, device=device), cache=cache,
+                        use_cache=use_cache)
+            cache = getattr(out, "cache", None) if use_cache else None  # transformers 5 names it `cache`
+            logits = out.logits[0, -1].float()
             if not bool(torch.isfinite(logits).all()):
                 finite = False
                 break

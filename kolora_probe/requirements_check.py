@@ -1,10 +1,12 @@
 """Installed packages against a requirements file (``packaging`` specifiers, ``importlib.metadata``).
 
 Nothing is imported: versions and ``Requires-Dist`` come from the installed distributions' metadata, so the
-check is fast and works even when a package is broken at import time.
+check is fast and works even when a package is broken at import time. Each distribution's metadata is read once
+per process (parsing METADATA dominates the cost of a dependency walk).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -12,8 +14,6 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
-
-from .environment import installed_version
 
 
 class RequirementsFileError(ValueError):
@@ -38,6 +38,17 @@ class RequirementStatus:
         if not self.satisfied:
             return f"{want}{who} is required but {self.name} {self.installed} is installed; fix: pip install '{want}'"
         return f"{self.name} {self.installed} satisfies {want or self.name}{who}"
+
+
+@functools.cache
+def _distribution(name: str) -> tuple[str | None, tuple[str, ...]]:
+    """(installed version or None, its Requires-Dist lines) of a canonical name, read once per process."""
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return None, ()
+    md = dist.metadata                                   # parsed once: .version/.requires would parse it again
+    return md["Version"], tuple(md.get_all("Requires-Dist") or dist.requires or ())  # requires: egg-info too
 
 
 def parse_requirements(path: str | Path) -> list[tuple[int, Requirement]]:
@@ -68,7 +79,7 @@ def parse_requirements(path: str | Path) -> list[tuple[int, Requirement]]:
 
 def requirement_status(req: Requirement, line: int = 0, required_by: str | None = None) -> RequirementStatus:
     name = canonicalize_name(req.name)
-    version = installed_version(req.name)
+    version = _distribution(name)[0]
     ok = False
     if version is not None:
         try:
@@ -84,12 +95,8 @@ def check_requirements(path: str | Path) -> list[RequirementStatus]:
 
 
 def _dependencies(dist_name: str, extras: set[str]) -> list[Requirement]:
-    try:
-        reqs = metadata.requires(dist_name) or []
-    except metadata.PackageNotFoundError:
-        return []
     out = []
-    for text in reqs:
+    for text in _distribution(canonicalize_name(dist_name))[1]:
         try:
             r = Requirement(text)
         except InvalidRequirement:
@@ -115,7 +122,7 @@ def check_dependency_graph(path: str | Path) -> list[RequirementStatus]:
         key = canonicalize_name(name) + "[" + ",".join(sorted(extras)) + "]"
         if key in seen:
             continue
-        version = installed_version(name)
+        version = _distribution(canonicalize_name(name))[0]
         if version is None:
             continue
         seen.add(key)

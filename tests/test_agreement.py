@@ -32,17 +32,74 @@ def pair(model_zoo):
 
 def test_tiny_model_agrees_with_its_tokenizer(pair, lines, model_zoo):
     m, tok = pair("tiny")
-    a = lm_agreement(m.model, tok, lines, max_loss_fraction=0.6)
+    a = lm_agreement(m.model, tok, lines, max_loss_fraction=0.6, z=None, token_budget=None)
     assert a.vocab_size == model_zoo.vocab_size and a.ln_vocab == pytest.approx(math.log(model_zoo.vocab_size))
     assert a.passed and a.mean_loss < 0.6 * a.ln_vocab
     assert a.perplexity == pytest.approx(math.exp(a.mean_loss))
-    assert a.lines == len(lines) and a.predicted_tokens == sum(len(tok(x)["input_ids"]) - 1 for x in lines)
+    every = sum(len(tok(x)["input_ids"]) - 1 for x in lines)
+    assert a.lines == a.lines_used == len(lines) and a.predicted_tokens == a.sample_tokens == every
+    assert a.stopped == "sample"
     # equals the factory's own full-batch training loss (same tokens, same masking)
     assert a.mean_loss == pytest.approx(model_zoo.train_loss, rel=1e-4)
     # batching does not change the result
-    assert lm_agreement(m.model, tok, lines, batch_size=7).mean_loss == pytest.approx(a.mean_loss, rel=1e-5)
+    assert lm_agreement(m.model, tok, lines, batch_size=7, z=None, token_budget=None).mean_loss == pytest.approx(
+        a.mean_loss, rel=1e-5)
     # the threshold is the plan's fraction: a strict one fails the same model
     assert not lm_agreement(m.model, tok, lines[:20], max_loss_fraction=0.01).passed
+
+
+def _ratio_se(line_losses: list[float], line_tokens: list[int]) -> float:
+    """Textbook cluster (ratio-estimator) standard error, written independently of the library."""
+    import statistics
+
+    n_bar = statistics.fmean(line_tokens)
+    mean = sum(line_losses) / sum(line_tokens)
+    k = len(line_tokens)
+    s2 = sum((L - mean * n) ** 2 for L, n in zip(line_losses, line_tokens)) / (k - 1)
+    return math.sqrt(s2 / k) / n_bar
+
+
+def test_early_stop_on_a_clear_pass_uses_a_prefix_of_the_sample(pair, lines):
+    m, tok = pair("tiny")
+    full = lm_agreement(m.model, tok, lines, z=None, token_budget=None)
+    a = lm_agreement(m.model, tok, lines)                     # defaults: z = 4, budget by model size
+    assert a.passed == full.passed is True
+    assert a.stopped == "decided" and 16 <= a.lines_used < len(lines) and a.predicted_tokens < full.predicted_tokens
+    lo, hi = a.interval
+    assert hi < a.threshold and lo <= full.mean_loss <= hi     # the whole sample's mean is inside the evidence
+    # the running mean is exactly the mean over the lines it used, and the SE the textbook one
+    usable = [x for x in lines if len(tok(x, add_special_tokens=False)["input_ids"]) >= 2]
+    prefix = usable[:a.lines_used]
+    exact = lm_agreement(m.model, tok, prefix, z=None, token_budget=None)
+    assert a.mean_loss == pytest.approx(exact.mean_loss, rel=1e-5) and a.predicted_tokens == exact.predicted_tokens
+    per_line = [lm_agreement(m.model, tok, [x], z=None, token_budget=None) for x in prefix]
+    se = _ratio_se([p.mean_loss * p.predicted_tokens for p in per_line], [p.predicted_tokens for p in per_line])
+    assert a.std_error == pytest.approx(se, rel=1e-4)
+
+
+def test_undecidable_threshold_uses_the_whole_sample(pair, lines):
+    m, tok = pair("tiny")
+    full = lm_agreement(m.model, tok, lines, z=None, token_budget=None)
+    # a threshold a hair above the true mean: no prefix can put it 4 SE away, so every line is read
+    fraction = full.mean_loss * 1.0005 / full.ln_vocab
+    a = lm_agreement(m.model, tok, lines, max_loss_fraction=fraction, token_budget=None)
+    assert a.stopped == "sample" and a.lines_used == len(lines)
+    assert a.passed == full.passed is True and a.mean_loss == pytest.approx(full.mean_loss, rel=1e-5)
+
+
+def test_token_budget_caps_the_work(pair, lines):
+    from kolora_probe.lm_agreement import MIN_TOKEN_BUDGET, default_token_budget
+
+    m, tok = pair("tiny")
+    a = lm_agreement(m.model, tok, lines, z=None, token_budget=60)
+    one_line = len(tok(lines[0])["input_ids"]) - 1
+    assert a.stopped == "budget" and a.predicted_tokens <= max(60, one_line) and a.lines_used < len(lines)
+    assert a.token_budget == 60
+    # bigger models get fewer tokens, never fewer than the floor
+    assert default_token_budget(125_000_000) > default_token_budget(1_300_000_000) >= MIN_TOKEN_BUDGET
+    assert default_token_budget(70_000_000_000) == MIN_TOKEN_BUDGET
+    auto = lm_agreement(m.model, tok, lines)
+    assert auto.token_budget == default_token_budget(sum(p.numel() for p in m.model.parameters()))
 
 
 def test_per_line_loss_matches_transformers(pair, lines):
@@ -56,8 +113,11 @@ def test_per_line_loss_matches_transformers(pair, lines):
 @pytest.mark.parametrize("variant", ["shuffled", "byte_level"])
 def test_broken_pairs_disagree(pair, lines, variant):
     m, tok = pair(variant)
-    a = lm_agreement(m.model, tok, lines)
-    assert not a.passed and a.mean_loss > 0.9 * a.ln_vocab
+    full = lm_agreement(m.model, tok, lines, z=None, token_budget=None)
+    assert not full.passed and full.mean_loss > 0.9 * full.ln_vocab
+    a = lm_agreement(m.model, tok, lines)                     # same verdict, decided early
+    assert not a.passed and a.stopped == "decided" and a.lines_used < len(lines)
+    assert a.interval[0] >= a.threshold and a.mean_loss > 0.9 * a.ln_vocab
 
 
 def test_foreign_tokenizer_ids_beyond_the_vocab(pair, lines):
@@ -76,8 +136,15 @@ def test_greedy_generation_on_tiny(pair):
     assert g.prompt_tokens > 0 and 0 < g.new_tokens <= 8
     assert g.logits_finite and g.decodable and g.text
     assert g.text == tok.decode(list(g.new_token_ids), skip_special_tokens=True)
-    # greedy is deterministic
+    # greedy is deterministic, and the key/value cache changes nothing
     assert greedy_generate(m.model, tok, "오늘 날씨가", max_new_tokens=8).new_token_ids == g.new_token_ids
+    assert greedy_generate(m.model, tok, "오늘 날씨가", max_new_tokens=8, use_cache=False).new_token_ids == \
+        g.new_token_ids
+    # and it is what transformers' own greedy search produces
+    ids = torch.tensor([tok("오늘 날씨가", add_special_tokens=False)["input_ids"]])
+    ref = m.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=g.new_tokens, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert tuple(ref[0, ids.shape[1]:].tolist()) == g.new_token_ids
 
 
 def test_generation_detects_nan_logits(pair):
@@ -107,6 +174,8 @@ def test_suite_agreement_fails_on_broken_pairs(tmp_path, model_zoo, variant):
     assert entry["message"].startswith("mean LM loss") and "is not below 0.6 × ln(1600)" in entry["message"]
     ev = {e["name"]: e["actual"] for e in entry["evidence"]}
     assert ev["loss"] > ev["ln_vocab"] * 0.9 and ev["perplexity"] > 100
+    # decided early: the interval in evidence lies above the threshold
+    assert ev["stopped"] == "decided" and ev["loss_interval"][0] >= 0.6 * ev["ln_vocab"]
     for check in ("test_weights_load", "test_korean_round_trip_lossless", "test_no_unk_on_korean_sample",
                   "test_tied_head_preserved", "test_parameter_count_matches_architecture"):
         assert run.outcome(check)["outcome"] == "passed", check
