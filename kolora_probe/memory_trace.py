@@ -42,6 +42,14 @@ COMPONENTS = ("frozen_weights", "lora_weights", "gradients", "optimizer_states",
               "logits_and_loss", "workspace")
 BNB_8BIT_MIN_SIZE = 4096      # bnb.optim min_8bit_size
 BNB_8BIT_BLOCK = 256          # bnb blockwise optimizer block size
+# PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp): requests ≤ kSmallSize (1 MiB) come from
+# 2 MiB segments (kSmallBuffer); requests below kMinLargeAlloc (10 MiB) from 20 MiB segments (kLargeBuffer);
+# larger ones get their own segment rounded up to kRoundLarge (2 MiB).
+K_SMALL_SIZE = 1 << 20
+K_SMALL_BUFFER = 2 << 20
+K_MIN_LARGE_ALLOC = 10 << 20
+K_LARGE_BUFFER = 20 << 20
+K_ROUND_LARGE = 2 << 20
 
 
 class TraceUnsupported(RuntimeError):
@@ -67,24 +75,45 @@ class StepShape:
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     target_parameters: tuple[str, ...] = ()
+    # the stack as users run it (plan [training] keys of the same names; defaults = a hand-rolled loop)
+    prepare_kbit: bool = False             # PEFT prepare_model_for_kbit_training: non-quantized params in fp32
+    checkpointing_reentrant: bool = False  # torch.utils.checkpoint(use_reentrant=...)
+    adapter_dtype: str = "fp32"            # LoRA weights' dtype (PEFT autocasts them to fp32 by default)
+    attn_implementation: str = "sdpa"      # sdpa | eager | flash_attention_2 (traced as CUDA's flash SDPA)
+    fused_cross_entropy: bool = False      # Liger-style fused linear cross-entropy (no b·s·V logits)
 
     @classmethod
     def from_plan(cls, plan: Any, batch_size: int | None = None, seq_len: int | None = None) -> "StepShape":
         t, lo = plan.training, plan.lora
+        quantized = t.quantization != "none"
+        # HF/PEFT/TRL QLoRA recipes call prepare_model_for_kbit_training on a 4/8-bit model; PEFT passes no
+        # use_reentrant, so torch.utils.checkpoint's default (reentrant) applies; transformers' own default is not.
+        prepare = quantized if t.prepare_kbit is None else t.prepare_kbit
+        reentrant = prepare if t.checkpointing_reentrant is None else t.checkpointing_reentrant
         return cls(batch_size=batch_size or t.batch_size, seq_len=seq_len or t.seq_len, dtype=t.dtype,
                    weights_dtype=t.weights_dtype, quantization=t.quantization, double_quant=t.double_quant,
                    gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer, use_cache=t.use_cache,
                    targets=tuple(lo.target_modules), r=lo.r, alpha=lo.alpha, lora_dropout=lo.dropout,
                    bias=lo.bias, modules_to_save=tuple(lo.modules_to_save),
-                   target_parameters=tuple(lo.target_parameters))
+                   target_parameters=tuple(lo.target_parameters), prepare_kbit=prepare,
+                   checkpointing_reentrant=reentrant, adapter_dtype=t.adapter_dtype,
+                   attn_implementation=t.attn_implementation, fused_cross_entropy=t.fused_cross_entropy)
 
     def with_(self, **kw: Any) -> "StepShape":
         return replace(self, **kw)
 
     def describe(self) -> str:
+        stack = [k for k, on in (("prepare_kbit", self.prepare_kbit), ("fused-CE", self.fused_cross_entropy)) if on]
+        if self.gradient_checkpointing:
+            stack.append("reentrant" if self.checkpointing_reentrant else "non-reentrant")
+        if self.adapter_dtype != "fp32":
+            stack.append(f"{self.adapter_dtype} adapters")
+        if self.attn_implementation != "sdpa":
+            stack.append(self.attn_implementation)
         return (f"b={self.batch_size} s={self.seq_len} {self.dtype} (weights {self.weights_dtype}) "
                 f"quant={self.quantization} gc={self.gradient_checkpointing} opt={self.optimizer} "
-                f"lora r={self.r} on {','.join(self.targets + self.target_parameters)}")
+                f"lora r={self.r} on {','.join(self.targets + self.target_parameters)}"
+                + (f" [{', '.join(stack)}]" if stack else ""))
 
 
 @dataclass(frozen=True)
@@ -98,9 +127,13 @@ class MemoryEstimate:
     shape: StepShape
     semantics: str = "cuda"                  # cuda (emulated kernels, 512-B rounding) | cpu
     notes: tuple[str, ...] = field(default=())
+    allocator_overhead_bytes: int = 0        # segment rounding above the live bytes at the peak (trace only)
+    paged_optimizer_bytes: int = 0           # bitsandbytes paged states in CUDA managed memory (not allocated)
 
     def to_dict(self) -> dict[str, Any]:
         return {"predicted_peak_bytes": self.predicted_peak_bytes, "components": dict(self.components),
+                "allocator_overhead_bytes": self.allocator_overhead_bytes,
+                "paged_optimizer_bytes": self.paged_optimizer_bytes,
                 "peak_phase": self.peak_phase, "peak_op": self.peak_op, "method": self.method,
                 "wall_s": round(self.wall_s, 3), "semantics": self.semantics, "notes": list(self.notes),
                 "shape": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self.shape).items()}}
@@ -108,6 +141,30 @@ class MemoryEstimate:
 
 def round_block(n: int, block: int = CUDA_BLOCK) -> int:
     return int(math.ceil(n / block) * block) if block > 1 else int(n)
+
+
+def allocator_pool(nbytes: int) -> str:
+    """Which kind of CUDA caching-allocator segment serves a (512-B rounded) request of ``nbytes``."""
+    if nbytes <= K_SMALL_SIZE:
+        return "small"
+    return "mid" if nbytes < K_MIN_LARGE_ALLOC else "large"
+
+
+def pool_charge(nbytes: int) -> tuple[str, int]:
+    """(pool, bytes counted for it): small and mid requests share segments (bytes as requested), a large request
+    occupies its own segment (rounded up to 2 MiB)."""
+    pool = allocator_pool(nbytes)
+    return pool, (round_block(nbytes, K_ROUND_LARGE) if pool == "large" else nbytes)
+
+
+def reserved_lower_bound(pools: Mapping[str, int]) -> int:
+    """The least the caching allocator can have reserved (cudaMalloc'ed) to hold live requests whose bytes per pool
+    are ``pools`` (from :func:`pool_charge`): small requests packed into 2 MiB segments, mid ones into 20 MiB
+    segments, large ones in their own 2-MiB-rounded segments. Fragmentation (freed blocks that a later request
+    cannot reuse) comes on top and depends on the order of allocations; it is not modelled."""
+    small, mid, large = pools.get("small", 0), pools.get("mid", 0), pools.get("large", 0)
+    return (round_block(small, K_SMALL_BUFFER) if small > 0 else 0) + \
+        (round_block(mid, K_LARGE_BUFFER) if mid > 0 else 0) + large
 
 
 # --- closed-form storage of quantized weights and 8-bit optimizer states ----------------------------------
@@ -129,13 +186,31 @@ def nf4_bytes(n: int, double_quant: bool = True, block: int = 1) -> int:
 
 def adamw8bit_state_bytes(numels: list[int], block: int = 1) -> int:
     """Resident bytes of bitsandbytes AdamW8bit state for trainable tensors of these sizes."""
-    total = 0
+    return sum(b for b, _ in bnb_state_tensors(numels, "adamw_8bit", block))
+
+
+BNB_PAGED_MIN_NUMEL = 100_000   # bnb Optimizer8bit.get_state_buffer: smaller state tensors are ordinary allocations
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+
+
+def bnb_state_tensors(numels: list[int], optimizer: str, block: int = 1) -> list[tuple[int, bool]]:
+    """(bytes, paged) of every state tensor a bitsandbytes AdamW keeps for trainable tensors of these sizes.
+
+    8-bit: two uint8 states + one fp32 absmax per 256-element block each for tensors of ≥ ``min_8bit_size``
+    (4096) elements, two fp32 states below that; 32-bit (``paged_adamw``): two fp32 states. Paged optimizers put
+    a state buffer in CUDA managed memory (outside PyTorch's allocator: not in ``max_memory_allocated``) only when
+    its parameter has ≥ 100,000 elements (``get_state_buffer``); absmax tensors are always ordinary allocations."""
+    paged = optimizer.startswith("paged_")
+    eight = optimizer.endswith("_8bit")
+    out: list[tuple[int, bool]] = []
     for n in numels:
-        if n >= BNB_8BIT_MIN_SIZE:
-            total += 2 * (round_block(n, block) + round_block(4 * math.ceil(n / BNB_8BIT_BLOCK), block))
+        on_pages = paged and n >= BNB_PAGED_MIN_NUMEL
+        if eight and n >= BNB_8BIT_MIN_SIZE:
+            out += [(round_block(n, block), on_pages)] * 2
+            out += [(round_block(4 * math.ceil(n / BNB_8BIT_BLOCK), block), False)] * 2
         else:
-            total += 2 * round_block(4 * n, block)
-    return total
+            out += [(round_block(4 * n, block), on_pages)] * 2
+    return out
 
 
 # --- the model of the plan --------------------------------------------------------------------------------
@@ -146,8 +221,8 @@ def _targets_conv1d(model: Any, targets: tuple[str, ...]) -> bool:
                for n, m in model.named_modules())
 
 
-def _enable_checkpointing(model: Any) -> None:
-    kwargs = {"use_reentrant": False}
+def _enable_checkpointing(model: Any, reentrant: bool = False) -> None:
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -172,10 +247,29 @@ def _quantize_4bit_meta(model: Any, shape: StepShape) -> Any:
 
 
 def step_config(config: Any, shape: StepShape) -> Any:
-    """A copy of ``config`` with the plan's ``use_cache`` (the caller's config is left alone)."""
+    """A copy of ``config`` with the plan's ``use_cache`` and eager attention when planned (the caller's config is
+    left alone). ``sdpa`` and ``flash_attention_2`` keep transformers' default (SDPA), which the CUDA emulation
+    runs as FlashAttention / memory-efficient attention: the same O(s) memory (output + logsumexp) as FA2."""
     config = copy.deepcopy(config)
     config.use_cache = shape.use_cache
+    if shape.attn_implementation == "eager":
+        config._attn_implementation = "eager"
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        if text is not None and text is not config:
+            text._attn_implementation = "eager"
     return config
+
+
+def prepare_kbit(model: Any) -> Any:
+    """PEFT's ``prepare_model_for_kbit_training`` as the HF/TRL QLoRA recipes call it: every non-4-bit fp16/bf16
+    parameter (norms, embeddings, output head) becomes fp32, so hidden states leave each norm in fp32 and
+    bitsandbytes layers return their input's dtype. Checkpointing is enabled by :func:`add_lora` (with the plan's
+    flavour), not here."""
+    from peft import prepare_model_for_kbit_training
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
@@ -187,7 +281,7 @@ def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
     from .lora_config import peft_lora_config
 
     if shape.gradient_checkpointing:
-        _enable_checkpointing(model)
+        _enable_checkpointing(model, shape.checkpointing_reentrant)
     config = peft_lora_config(shape.targets, shape.r, shape.alpha, shape.lora_dropout, shape.bias,
                               shape.modules_to_save, fan_in_fan_out=_targets_conv1d(model, shape.targets),
                               target_parameters=shape.target_parameters)
@@ -195,6 +289,12 @@ def add_lora(model: Any, shape: StepShape, meta: bool = False) -> Any:
         warnings.simplefilter("ignore")
         with (torch.device("meta") if meta else contextlib.nullcontext()):
             peft_model = get_peft_model(model, config)
+    if shape.adapter_dtype != "fp32":   # PEFT autocasts adapters to fp32; TRL's bf16 casting (or the user) does not
+        from .meta_model import torch_dtype
+
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch_dtype(shape.adapter_dtype))
     peft_model.train()
     return peft_model
 
@@ -226,6 +326,8 @@ def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquan
             raise TraceUnsupported("real 4-bit steps are measured by loading the model with BitsAndBytesConfig; "
                                    "build_step_model only builds them on the meta device")
         model = _quantize_4bit_meta(model, shape)
+    if shape.prepare_kbit:
+        model = prepare_kbit(model)
     return add_lora(model, shape, meta=device == "meta")
 
 
@@ -236,11 +338,13 @@ def make_optimizer(model: Any, shape: StepShape, cuda: bool, traced: bool = True
     params = [p for p in model.parameters() if p.requires_grad]
     if shape.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, foreach=True if cuda else None)
-    if shape.optimizer == "adamw_8bit" and not traced:
+    if shape.optimizer in BNB_OPTIMIZERS and not traced:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=1e-4)
-    return torch.optim.SGD(params, lr=1e-4)   # sgd, or the stateless stand-in for traced adamw_8bit
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[shape.optimizer]
+        return cls(params, lr=1e-4)
+    return torch.optim.SGD(params, lr=1e-4)   # sgd, or the stateless stand-in for traced bitsandbytes optimizers
 
 
 def _fake_quant_state(fm: Any, mod: Any, double_quant: bool) -> int:
@@ -329,6 +433,12 @@ def _tracker_class():
             self.peak_total = 0
             self.peak_comp: dict[str, int] = {}
             self.peak_where: tuple[str, str, bool] = ("start", "Global", False)
+            self.pools: dict[str, int] = {"small": 0, "mid": 0, "large": 0}
+            self.peak_pools: dict[str, int] = {}
+
+        def _pool(self, nbytes: int, sign: int) -> None:
+            pool, charge = pool_charge(nbytes)
+            self.pools[pool] += sign * charge
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             def _grad_hook(grad):
@@ -387,9 +497,11 @@ def _tracker_class():
             if u_type == _UpdateType.ADD:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) + winfo.mem_consumed
+                self._pool(winfo.mem_consumed, 1)
             elif u_type == _UpdateType.DEL:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) - winfo.mem_consumed
+                self._pool(winfo.mem_consumed, -1)
             elif u_type == _UpdateType.REF:
                 old, new = self._key(winfo, old_reftype), self._key(winfo)
                 c[old] = c.get(old, 0) - winfo.mem_consumed
@@ -397,6 +509,8 @@ def _tracker_class():
             elif u_type == _UpdateType.SIZE:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) + winfo.mem_consumed - old_mem_consumed
+                self._pool(old_mem_consumed, -1)
+                self._pool(winfo.mem_consumed, 1)
 
         def _update_peak_stats(self, peak_state):
             # MemTracker's own per-module peak bookkeeping walks every tracked module on every op (O(ops ×
@@ -405,6 +519,7 @@ def _tracker_class():
             if total > self.peak_total:
                 self.peak_total = total
                 self.peak_comp = dict(self.comp)
+                self.peak_pools = dict(self.pools)
                 self.peak_where = (self._cur_op, self._innermost(), bool(self._mod_tracker.is_bw))
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -466,6 +581,7 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
     lora_bytes = sum(round_block(p.numel() * p.element_size(), block) for p in trainable)
     notes: list[str] = []
     resident_extra = {"frozen_weights": 0, "optimizer_states": 0}
+    resident_sizes: list[int] = []      # each of the resident extras as its own allocation (allocator pools)
     if quantized:
         import bitsandbytes as bnb
 
@@ -473,12 +589,20 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
         for mod in model.modules():
             if isinstance(mod, bnb.nn.Linear4bit):
                 sizes = nf4_tensor_sizes(mod.out_features * mod.in_features, shape.double_quant)
-                qs += sum(round_block(v, block) for k, v in sizes.items() if k != "packed")
+                extra = [round_block(v, block) for k, v in sizes.items() if k != "packed"]
+                qs += sum(extra)
+                resident_sizes += extra
         resident_extra["frozen_weights"] = qs
         notes.append(f"NF4 quant-state tensors ({qs:,} B) added as resident bytes")
-    if shape.optimizer == "adamw_8bit":
-        resident_extra["optimizer_states"] = adamw8bit_state_bytes([p.numel() for p in trainable], block)
-        notes.append("8-bit AdamW states added in closed form (bitsandbytes blockwise, 256-element blocks)")
+    paged_bytes = 0
+    if shape.optimizer in BNB_OPTIMIZERS:
+        states = bnb_state_tensors([p.numel() for p in trainable], shape.optimizer, block)
+        resident_extra["optimizer_states"] = sum(b for b, paged in states if not paged)
+        resident_sizes += [b for b, paged in states if not paged]
+        paged_bytes = sum(b for b, paged in states if paged)
+        notes.append(f"bitsandbytes {shape.optimizer} states added in closed form"
+                     + (f"; {paged_bytes:,} B of them paged (CUDA managed memory, outside max_memory_allocated)"
+                        if paged_bytes else ""))
     autocast = autocast_for("cpu", shape.dtype)
 
     with contextlib.ExitStack() as stack:
@@ -516,6 +640,15 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
     phase = "backward" if is_bw else ("forward" if mod != "Global" else
                                       ("optimizer" if "foreach" in op or "_fused" in op else "forward"))
     short_mod = mod.split(".")[-1] if mod != "Global" else "outside modules"
-    return MemoryEstimate(predicted_peak_bytes=sum(comp.values()), components=comp, peak_phase=phase,
+    peak = sum(comp.values())
+    overhead = 0
+    if cuda:
+        pools = dict(mt.peak_pools)
+        for b in resident_sizes:
+            pool, charge = pool_charge(b)
+            pools[pool] = pools.get(pool, 0) + charge
+        overhead = max(0, reserved_lower_bound(pools) - peak)
+    return MemoryEstimate(predicted_peak_bytes=peak, components=comp, peak_phase=phase,
                           peak_op=f"{op} in {short_mod}", method="trace", wall_s=time.perf_counter() - t0,
-                          shape=shape, semantics="cuda" if cuda else "cpu", notes=tuple(notes))
+                          shape=shape, semantics="cuda" if cuda else "cpu", notes=tuple(notes),
+                          allocator_overhead_bytes=overhead, paged_optimizer_bytes=paged_bytes)
