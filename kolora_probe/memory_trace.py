@@ -78,6 +78,7 @@ class StepShape:
     # the stack as users run it (plan [training] keys of the same names; defaults = a hand-rolled loop)
     prepare_kbit: bool = False             # PEFT prepare_model_for_kbit_training: non-quantized params in fp32
     checkpointing_reentrant: bool = False  # torch.utils.checkpoint(use_reentrant=...)
+    trl_casting: bool = False              # TRL's peft_module_casting_to_bf16 after prepare_kbit (bf16 plans)
     adapter_dtype: str = "fp32"            # LoRA weights' dtype (PEFT autocasts them to fp32 by default)
     attn_implementation: str = "sdpa"      # sdpa | eager | flash_attention_2 (traced as CUDA's flash SDPA)
     fused_cross_entropy: bool = False      # Liger-style fused linear cross-entropy (no b·s·V logits)
@@ -96,14 +97,15 @@ class StepShape:
                    targets=tuple(lo.target_modules), r=lo.r, alpha=lo.alpha, lora_dropout=lo.dropout,
                    bias=lo.bias, modules_to_save=tuple(lo.modules_to_save),
                    target_parameters=tuple(lo.target_parameters), prepare_kbit=prepare,
-                   checkpointing_reentrant=reentrant, adapter_dtype=t.adapter_dtype,
+                   checkpointing_reentrant=reentrant, trl_casting=t.trl_casting, adapter_dtype=t.adapter_dtype,
                    attn_implementation=t.attn_implementation, fused_cross_entropy=t.fused_cross_entropy)
 
     def with_(self, **kw: Any) -> "StepShape":
         return replace(self, **kw)
 
     def describe(self) -> str:
-        stack = [k for k, on in (("prepare_kbit", self.prepare_kbit), ("fused-CE", self.fused_cross_entropy)) if on]
+        stack = [k for k, on in (("prepare_kbit", self.prepare_kbit), ("TRL casting", self.trl_casting),
+                                 ("fused-CE", self.fused_cross_entropy)) if on]
         if self.gradient_checkpointing:
             stack.append("reentrant" if self.checkpointing_reentrant else "non-reentrant")
         if self.adapter_dtype != "fp32":
@@ -260,6 +262,27 @@ def step_config(config: Any, shape: StepShape) -> Any:
     return config
 
 
+TRL_HALF_NAMES = ("lm_head", "embed_tokens", "wte", "wpe")
+
+
+def trl_cast(model: Any, shape: StepShape) -> None:
+    """TRL SFTTrainer's ``peft_module_casting_to_bf16`` (run when ``bf16=True`` on a 4-bit model, after
+    prepare_model_for_kbit_training): modules named ``*norm*`` (and LayerNorms) stay fp32, fp32 embeddings and
+    output head (``lm_head``, ``embed_tokens``, ``wte``, ``wpe``) go back to bf16. Older TRL releases also cast
+    the LoRA layers to bf16: plan ``adapter_dtype = "bf16"`` for those. A no-op unless the plan computes in bf16."""
+    import torch
+
+    if shape.dtype != "bf16":
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) or "norm" in name:
+            continue
+        weight = getattr(module, "weight", None)
+        if any(x in name for x in TRL_HALF_NAMES) and isinstance(weight, torch.Tensor) and \
+                weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
+
+
 def prepare_kbit(model: Any) -> Any:
     """PEFT's ``prepare_model_for_kbit_training`` as the HF/TRL QLoRA recipes call it: every non-4-bit fp16/bf16
     parameter (norms, embeddings, output head) becomes fp32, so hidden states leave each norm in fp32 and
@@ -328,6 +351,8 @@ def build_step_model(config: Any, shape: StepShape, device: str = "meta", unquan
         model = _quantize_4bit_meta(model, shape)
     if shape.prepare_kbit:
         model = prepare_kbit(model)
+    if shape.trl_casting:
+        trl_cast(model, shape)
     return add_lora(model, shape, meta=device == "meta")
 
 
@@ -416,6 +441,57 @@ def fakeify(model: Any, fm: Any, double_quant: bool = True) -> int:
                 memo[id(b)] = conv.from_meta_and_device(fm, b, cpu) if b.device.type == "meta" else fm.from_tensor(b)
             mod._buffers[name] = memo[id(b)]
     return quantized
+
+
+# --- fused linear cross-entropy (Liger kernel) ----------------------------------------------------------------
+def _fused_linear_ce_function():
+    import torch
+
+    class FusedLinearCE(torch.autograd.Function):
+        """What Liger's ``LigerFusedLinearCrossEntropyFunction`` allocates (``fused_linear_cross_entropy_forward``):
+        the gradient w.r.t. the hidden states (BT×H) and a float32 per-token loss are computed in the forward, chunk
+        by chunk (chunk = next power of two of BT / ⌈V/H⌉ rows: one chunk×V logits buffer, into which the kernel
+        writes the softmax gradient in place); the backward only scales the saved gradient. The frozen head gets no
+        weight gradient."""
+
+        @staticmethod
+        def forward(ctx, x, weight):  # noqa: ANN001 - autograd signature
+            bt, h = x.shape
+            v = weight.shape[0]
+            chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(bt / math.ceil(v / h))))))
+            grad_input = torch.zeros_like(x)
+            loss_1d = torch.zeros(bt, dtype=torch.float32, device=x.device)
+            for start in range(0, bt, chunk):
+                logits = x[start:start + chunk] @ weight.t()        # the kernel turns it into d loss / d logits
+                grad_input[start:start + chunk] = logits @ weight
+                del logits
+            ctx.save_for_backward(grad_input)
+            return loss_1d.sum() / bt
+
+        @staticmethod
+        def backward(ctx, grad_output):  # noqa: ANN001
+            (grad_input,) = ctx.saved_tensors
+            return grad_input * grad_output, None
+
+    return FusedLinearCE
+
+
+def fused_ce_forward(model: Any):
+    """The causal LM's loss as Liger's patched forward computes it: the decoder's last hidden states, shifted by one
+    (a contiguous copy), through the fused linear cross-entropy; the b·s·V logits never exist."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix)
+    head = base.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None or head.weight.requires_grad:
+        raise TraceUnsupported("fused cross-entropy needs a frozen output head without LoRA (Liger uses its weight)")
+    fn = _fused_linear_ce_function()
+
+    def forward(ids: Any) -> Any:
+        hidden = decoder(input_ids=ids)[0]
+        shifted = hidden[:, :-1, :].contiguous().view(-1, hidden.shape[-1])
+        return fn.apply(shifted, head.weight)
+
+    return forward
 
 
 # --- the tracker -------------------------------------------------------------------------------------------
@@ -612,10 +688,12 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
         stack.enter_context(fm)
         opt = make_optimizer(model, shape, cuda=cuda, traced=True)
 
+        forward = fused_ce_forward(model) if shape.fused_cross_entropy else None
+
         def one_step() -> None:
             ids = torch.zeros((shape.batch_size, shape.seq_len), dtype=torch.long)
             with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = forward(ids) if forward else model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

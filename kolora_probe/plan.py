@@ -67,6 +67,7 @@ class TrainingSpec:
     # The stack as the HF/PEFT/TRL recipes run it (None = that stack's default, resolved in StepShape.from_plan):
     prepare_kbit: bool | None = None             # PEFT prepare_model_for_kbit_training; default: on when quantized
     checkpointing_reentrant: bool | None = None  # default: reentrant with prepare_kbit (torch's default), else not
+    trl_casting: bool = False                    # TRL SFTTrainer (bf16, 4-bit): embeddings/head back to bf16
     adapter_dtype: str = "fp32"                  # PEFT casts adapters to fp32 (autocast_adapter_dtype=True)
     attn_implementation: str = "sdpa"            # transformers' default; eager keeps b·h·s² scores
     fused_cross_entropy: bool = False            # Liger fused linear-cross-entropy: no b·s·V logits
@@ -162,6 +163,7 @@ SCHEMA: dict[str, dict[str, tuple[Validator, str]]] = {
         "use_cache": ((lambda v: isinstance(v, bool)), "true or false"),
         "prepare_kbit": ((lambda v: isinstance(v, bool)), "true or false"),
         "checkpointing_reentrant": ((lambda v: isinstance(v, bool)), "true or false"),
+        "trl_casting": ((lambda v: isinstance(v, bool)), "true or false"),
         "adapter_dtype": _choice(ADAPTER_DTYPES),
         "attn_implementation": _choice(ATTN_IMPLEMENTATIONS),
         "fused_cross_entropy": ((lambda v: isinstance(v, bool)), "true or false"),
