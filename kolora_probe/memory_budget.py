@@ -136,10 +136,19 @@ def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = 
             else:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                 note = f"trace failed ({reason}); closed form used, not cross-checked by a trace"
-            return replace(est, notes=est.notes + (note,))
+            return replace(est, notes=est.notes + (note,) + _closed_form_gaps(shape))
     t0 = time.perf_counter()
     est = closed_form(facts or model_facts(config, shape), shape)
-    return replace(est, wall_s=time.perf_counter() - t0)
+    return replace(est, wall_s=time.perf_counter() - t0, notes=est.notes + _closed_form_gaps(shape))
+
+
+def _closed_form_gaps(shape: StepShape) -> tuple[str, ...]:
+    """A note naming the plan's stack settings the closed form does not model (only the trace does)."""
+    gaps = [k for k, on in (("prepare_kbit", shape.prepare_kbit), ("trl_casting", shape.trl_casting),
+                            ("fused_cross_entropy", shape.fused_cross_entropy),
+                            ("attn_implementation=eager", shape.attn_implementation == "eager"),
+                            (f"adapter_dtype={shape.adapter_dtype}", shape.adapter_dtype != "fp32")) if on]
+    return (f"the closed form does not model {', '.join(gaps)} (the trace does): expect it to be low",) if gaps else ()
 
 
 def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:

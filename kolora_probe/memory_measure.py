@@ -165,7 +165,7 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
     import bitsandbytes as bnb
     import torch
 
-    from .memory_trace import _quantize_4bit_meta, add_lora, step_config
+    from .memory_trace import _quantize_4bit_meta, add_lora, prepare_kbit, step_config, trl_cast
     from .meta_model import build_meta_model, torch_dtype
 
     model = _quantize_4bit_meta(build_meta_model(step_config(config, shape), shape.weights_dtype), shape)
@@ -187,7 +187,12 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return add_lora(model.to(device), shape)
+    model = model.to(device)
+    if shape.prepare_kbit:      # the plan's stack, as the trace builds it
+        model = prepare_kbit(model)
+    if shape.trl_casting:
+        trl_cast(model, shape)
+    return add_lora(model, shape)
 
 
 def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurement:
