@@ -31,7 +31,7 @@ def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
              note="caching-allocator segment rounding at the peak (fragmentation not modelled)")
     evidence("cuda_context_bytes", v.cuda_context_bytes, unit="bytes", note="documented figure for this torch")
     evidence("components", dict(e.components), unit="bytes")
-    how = "" if v.limits_method == "trace" else "; closed form scaled to the trace (not traced: the plan fits)"
+    how = "; closed form scaled to the trace (not traced: the plan fits)" if v.limits_approximate else ""
     evidence("max_batch_size", v.max_batch_size, note=f"at seq_len {e.shape.seq_len}{how}")
     evidence("max_seq_len", v.max_seq_len, note=f"at batch {e.shape.batch_size}{how}")
     evidence("trace_wall_s", round(e.wall_s, 2), unit="s")

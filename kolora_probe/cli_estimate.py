@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"= card needs:             {v.card_required_bytes / GIB:.3f} GiB")
     print(f"budget: {v.budget_bytes / GIB:.3f} GiB — " + ("fits" if v.fits else "does NOT fit")
           + f" (headroom {v.headroom_bytes / GIB:+.3f} GiB)")
-    how = ("" if v.limits_method == "trace" else
-           " (≈: closed form scaled to the plan's trace; --max-batch confirms with traces)")
-    approx = "" if v.limits_method == "trace" else "≈"
+    how = (" (≈: closed form scaled to the plan's trace; --max-batch confirms with traces)"
+           if v.limits_approximate else "")
+    approx = "≈" if v.limits_approximate else ""
     print(f"largest batch size that fits at seq {e.shape.seq_len}: {approx}{v.max_batch_size}{how}")
     lim = f" (model limit {v.seq_limit})" if v.seq_limit else ""
     print(f"largest sequence length that fits at batch {e.shape.batch_size}: {approx}{v.max_seq_len}{lim}")

@@ -63,6 +63,11 @@ class BudgetVerdict:
         return self.estimate.predicted_peak_bytes
 
     @property
+    def limits_approximate(self) -> bool:
+        """The limits are the closed form scaled to the plan's trace, not confirmed by traces (the plan fits)."""
+        return self.estimate.method == "trace" and self.limits_method != "trace"
+
+    @property
     def allocator_overhead_bytes(self) -> int:
         return self.estimate.allocator_overhead_bytes
 
@@ -94,7 +99,7 @@ class BudgetVerdict:
                 f"{self.allocator_overhead_bytes / gib:.2f} + CUDA context {self.cuda_context_bytes / gib:.2f}) for "
                 f"batch {s.batch_size} × seq {s.seq_len} vs budget {self.budget_bytes / gib:.2f} GiB")
         if self.fits:
-            approx = "" if self.limits_method == "trace" else "≈"
+            approx = "≈" if self.limits_approximate else ""
             return f"{head}: fits (largest batch that fits: {approx}{self.max_batch_size})"
         if self.max_batch_size >= 1:
             fix = (f"largest batch size that fits: {self.max_batch_size} at seq {s.seq_len}; fix: set "
