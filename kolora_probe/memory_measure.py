@@ -77,10 +77,16 @@ def _storage_bytes(tensors: Any) -> int:
 
 
 def resident_bytes(model: Any, optimizer: Any, *extra: Any) -> int:
-    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state and ``extra`` tensors."""
+    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state, bitsandbytes 4-bit
+    quant-state tensors (absmax, code, offset and the nested state: attributes, not parameters) and ``extra``."""
     import torch
 
     ts = [p for p in model.parameters()] + [b for b in model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            ts += [t for t in (getattr(state, k, None) for k in ("absmax", "code", "offset")) if torch.is_tensor(t)]
+            state = getattr(state, "state2", None)
     ts += [p.grad for p in model.parameters() if p.grad is not None]
     ts += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 0]
     ts += [e for e in extra if torch.is_tensor(e)]
