@@ -50,7 +50,12 @@ def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evi
     evidence("measured_peak_bytes", m.peak_allocated_bytes, expected=v.budget_bytes, unit="bytes",
              note="torch.cuda.max_memory_allocated() of one step after a warm-up step")
     evidence("measured_reserved_bytes", m.peak_reserved_bytes, unit="bytes")
-    evidence("context_overhead_bytes", m.context_overhead_bytes, unit="bytes", note="NVML used − torch reserved")
+    evidence("context_overhead_bytes", m.context_overhead_bytes, expected=v.cuda_context_bytes, unit="bytes",
+             note="NVML used − torch reserved; expected = the documented CUDA context the CPU verdict assumed")
+    if m.peak_reserved_bytes is not None:
+        evidence("measured_reserved_minus_allocated_bytes", m.peak_reserved_bytes - (m.peak_allocated_bytes or 0),
+                 expected=v.allocator_overhead_bytes, unit="bytes",
+                 note="allocator overhead measured vs predicted (segment rounding; fragmentation not predicted)")
     evidence.image("memory breakdown (predicted vs measured)",
                    breakdown_chart_png(v.estimate, v.budget_bytes, m.peak_allocated_bytes))
     if m.oom:
