@@ -43,7 +43,9 @@ LORA = dict(dtype="bf16", weights_dtype="bf16", seq_len=4096, gradient_checkpoin
             targets=ATTN, r=16, alpha=16.0, lora_dropout=0.1, attn_implementation="flash_attention_2",
             checkpointing_reentrant=True)
 
-# name: (config factory, StepShape kwargs, published bytes, source, settings)
+# name: (config factory, StepShape kwargs, published bytes, source, settings); NVIDIA: the same rows'
+# mem_nvidia_mem_reserved (MiB, device memory in use as nvidia-smi reports it: context + everything reserved)
+NVIDIA_MIB = {"QLoRA b8": 46050, "QLoRA b4": 26056, "LoRA b8": 43232, "LoRA b4": 29576}
 ROWS = {
     "Mistral-7B QLoRA b8 (plan defaults)": (mistral_7b, dict(QLORA_DEFAULT, batch_size=8), 37_002_646_016, FMS,
                                             "baseline-peft-bnb, NF4 double quant, LoRA r16 a16 q,k,v,o, batch 8"),
@@ -76,13 +78,21 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         e = trace_step(factory(), StepShape(**kw))
+        from kolora_probe.memory_budget import cuda_context_bytes
+
         err = 100.0 * (e.predicted_peak_bytes - published) / published
+        card = e.predicted_peak_bytes + e.allocator_overhead_bytes + cuda_context_bytes("2.4.1", "")
+        nvidia = next((v * 2 ** 20 for k, v in NVIDIA_MIB.items() if k in name and not
+                       (k.startswith("LoRA") and "QLoRA" in name)), None)
         results.append({"row": name, "published_bytes": published, "predicted_bytes": e.predicted_peak_bytes,
                         "error_percent": round(err, 2), "allocator_overhead_bytes": e.allocator_overhead_bytes,
+                        "card_required_bytes": card, "published_nvidia_bytes": nvidia,
+                        "card_error_percent": round(100.0 * (card - nvidia) / nvidia, 2) if nvidia else None,
                         "peak_op": e.peak_op, "trace_s": round(time.perf_counter() - t0, 1), "source": source,
                         "settings": settings, "shape": e.shape.describe()})
         print(f"{name}: published {published / 1e9:.2f} GB, predicted {e.predicted_peak_bytes / 1e9:.2f} GB "
-              f"({err:+.1f} %), {results[-1]['trace_s']} s", flush=True)
+              f"({err:+.1f} %); card {card / 2**20:,.0f} MiB vs nvidia-smi {nvidia / 2**20 if nvidia else 0:,.0f} MiB; "
+              f"{results[-1]['trace_s']} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

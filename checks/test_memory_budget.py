@@ -28,7 +28,7 @@ def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
     evidence("predicted_peak_bytes", e.predicted_peak_bytes, expected=v.budget_bytes, unit="bytes",
              note=f"{e.method}; peak at {e.peak_phase}: {e.peak_op}; what max_memory_allocated() would report")
     evidence("allocator_overhead_bytes", v.allocator_overhead_bytes, unit="bytes",
-             note="caching-allocator segment rounding at the peak (fragmentation not modelled)")
+             note="reserved − allocated: the step's allocations replayed through the CUDA caching allocator")
     evidence("cuda_context_bytes", v.cuda_context_bytes, unit="bytes", note="documented figure for this torch")
     evidence("components", dict(e.components), unit="bytes")
     how = "; closed form scaled to the trace (not traced: the plan fits)" if v.limits_approximate else ""
@@ -55,7 +55,7 @@ def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evi
     if m.peak_reserved_bytes is not None:
         evidence("measured_reserved_minus_allocated_bytes", m.peak_reserved_bytes - (m.peak_allocated_bytes or 0),
                  expected=v.allocator_overhead_bytes, unit="bytes",
-                 note="allocator overhead measured vs predicted (segment rounding; fragmentation not predicted)")
+                 note="allocator overhead measured vs predicted (replay of the traced step's allocations)")
     evidence.image("memory breakdown (predicted vs measured)",
                    breakdown_chart_png(v.estimate, v.budget_bytes, m.peak_allocated_bytes))
     if m.oom:

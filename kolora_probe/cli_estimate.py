@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"peak at: {e.peak_phase}, {e.peak_op}")
     print(f"predicted peak allocated: {total / GIB:.3f} GiB ({total:,} bytes; what torch.cuda.max_memory_allocated() "
           f"would report)")
-    print(f"+ allocator overhead:     {v.allocator_overhead_bytes / GIB:.3f} GiB (caching-allocator segment rounding "
-          f"at the peak; fragmentation not modelled)")
+    print(f"+ allocator overhead:     {v.allocator_overhead_bytes / GIB:.3f} GiB (the step's allocations replayed through "
+          f"the CUDA caching allocator's rules: rounding, segments, fragmentation)")
     print(f"+ CUDA context:           {v.cuda_context_bytes / GIB:.3f} GiB (documented figure for this torch; "
           f"measured by -m gpu)")
     if e.paged_optimizer_bytes:

@@ -2,7 +2,8 @@
 
 :func:`estimate` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares what the card
 needs with ``[budget].gpu_memory_gib``: the predicted allocated peak (what ``max_memory_allocated`` reports) +
-the caching allocator's segment overhead at that peak (from the trace's allocation sizes) + the CUDA context.
+the caching allocator's overhead (reserved − allocated: the traced step's allocations and frees replayed through
+the allocator's rules, :func:`kolora_probe.memory_trace.replay_caching_allocator`) + the CUDA context.
 
 The largest batch size at the plan's sequence length (and the largest sequence length at the plan's batch size,
 up to the model's position limit) that fit come from the closed form (instant, monotonic in both), scaled by

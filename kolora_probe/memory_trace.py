@@ -129,7 +129,7 @@ class MemoryEstimate:
     shape: StepShape
     semantics: str = "cuda"                  # cuda (emulated kernels, 512-B rounding) | cpu
     notes: tuple[str, ...] = field(default=())
-    allocator_overhead_bytes: int = 0        # segment rounding above the live bytes at the peak (trace only)
+    allocator_overhead_bytes: int = 0        # reserved − allocated of the replayed caching allocator (trace only)
     paged_optimizer_bytes: int = 0           # bitsandbytes paged states in CUDA managed memory (not allocated)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +157,78 @@ def pool_charge(nbytes: int) -> tuple[str, int]:
     occupies its own segment (rounded up to 2 MiB)."""
     pool = allocator_pool(nbytes)
     return pool, (round_block(nbytes, K_ROUND_LARGE) if pool == "large" else nbytes)
+
+
+def allocation_size(nbytes: int) -> int:
+    """Segment size cudaMalloc'ed for a request the caches cannot serve (CUDACachingAllocator get_allocation_size)."""
+    if nbytes <= K_SMALL_SIZE:
+        return K_SMALL_BUFFER
+    if nbytes < K_MIN_LARGE_ALLOC:
+        return K_LARGE_BUFFER
+    return round_block(nbytes, K_ROUND_LARGE)
+
+
+def replay_caching_allocator(events: list[tuple[int, int]]) -> int:
+    """Peak reserved bytes of PyTorch's CUDA caching allocator replaying ``events`` in order: (key, bytes) allocates
+    ``bytes`` for ``key``, (key, 0) frees it. Modelled after c10/cuda/CUDACachingAllocator.cpp with its defaults
+    (no ``max_split_size``, no ``expandable_segments``, nothing released): requests rounded to 512 B; ≤ 1 MiB from
+    the small pool, larger from the large pool; the smallest cached free block that fits is reused (best fit) and
+    split when the rest is ≥ 512 B (small pool) or > 1 MiB (large pool), otherwise the whole block is used; a miss
+    cudaMallocs a new segment (:func:`allocation_size`); freed blocks merge with free neighbours of their segment."""
+    import bisect
+
+    free: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}   # small? → sorted (size, seg, offset)
+    blocks: dict[int, dict[int, list]] = {}      # seg → offset → [size, is_free]
+    offsets: dict[int, list[int]] = {}           # seg → sorted offsets
+    live: dict[int, tuple[int, int]] = {}        # key → (seg, offset)
+    reserved = 0
+    for key, nbytes in events:
+        if nbytes == 0:
+            where = live.pop(key, None)
+            if where is None:
+                continue
+            seg, off = where
+            size = blocks[seg][off][0]
+            small = blocks[seg][off][2]
+            offs = offsets[seg]
+            i = bisect.bisect_left(offs, off)
+            if i + 1 < len(offs) and blocks[seg][offs[i + 1]][1]:          # merge with the next free block
+                nxt = offs[i + 1]
+                free[small].remove((blocks[seg][nxt][0], seg, nxt))
+                size += blocks[seg].pop(nxt)[0]
+                offs.pop(i + 1)
+            if i > 0 and blocks[seg][offs[i - 1]][1]:                      # and the previous one
+                prv = offs[i - 1]
+                free[small].remove((blocks[seg][prv][0], seg, prv))
+                size += blocks[seg][prv][0]
+                blocks[seg].pop(off)
+                offs.pop(i)
+                off = prv
+            blocks[seg][off] = [size, True, small]
+            bisect.insort(free[small], (size, seg, off))
+            continue
+        if key in live:
+            continue
+        n = max(CUDA_BLOCK, round_block(nbytes))
+        small = n <= K_SMALL_SIZE
+        fl = free[small]
+        j = bisect.bisect_left(fl, (n, -1, -1))
+        if j < len(fl):
+            size, seg, off = fl.pop(j)
+        else:
+            size = allocation_size(n)
+            seg = len(blocks)
+            reserved += size
+            blocks[seg], offsets[seg], off = {}, [0], 0
+        rest = size - n
+        if (small and rest >= CUDA_BLOCK) or (not small and rest > K_SMALL_SIZE):
+            blocks[seg][off + n] = [rest, True, small]
+            bisect.insort(offsets[seg], off + n)
+            bisect.insort(fl, (rest, seg, off + n))
+            size = n
+        blocks[seg][off] = [size, False, small]
+        live[key] = (seg, off)
+    return reserved
 
 
 def reserved_lower_bound(pools: Mapping[str, int]) -> int:
@@ -510,11 +582,14 @@ def _tracker_class():
             self.peak_comp: dict[str, int] = {}
             self.peak_where: tuple[str, str, bool] = ("start", "Global", False)
             self.pools: dict[str, int] = {"small": 0, "mid": 0, "large": 0}
+            self.events: list[tuple[int, int]] = []   # (storage key, bytes allocated | 0 = freed), in order
             self.peak_pools: dict[str, int] = {}
 
-        def _pool(self, nbytes: int, sign: int) -> None:
+        def _pool(self, nbytes: int, sign: int, key: int | None = None) -> None:
             pool, charge = pool_charge(nbytes)
             self.pools[pool] += sign * charge
+            if key is not None:
+                self.events.append((key, nbytes if sign > 0 else 0))
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             def _grad_hook(grad):
@@ -573,11 +648,11 @@ def _tracker_class():
             if u_type == _UpdateType.ADD:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) + winfo.mem_consumed
-                self._pool(winfo.mem_consumed, 1)
+                self._pool(winfo.mem_consumed, 1, id(winfo))
             elif u_type == _UpdateType.DEL:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) - winfo.mem_consumed
-                self._pool(winfo.mem_consumed, -1)
+                self._pool(winfo.mem_consumed, -1, id(winfo))
             elif u_type == _UpdateType.REF:
                 old, new = self._key(winfo, old_reftype), self._key(winfo)
                 c[old] = c.get(old, 0) - winfo.mem_consumed
@@ -585,8 +660,8 @@ def _tracker_class():
             elif u_type == _UpdateType.SIZE:
                 k = self._key(winfo)
                 c[k] = c.get(k, 0) + winfo.mem_consumed - old_mem_consumed
-                self._pool(old_mem_consumed, -1)
-                self._pool(winfo.mem_consumed, 1)
+                self._pool(old_mem_consumed, -1, id(winfo))
+                self._pool(winfo.mem_consumed, 1, id(winfo))
 
         def _update_peak_stats(self, peak_state):
             # MemTracker's own per-module peak bookkeeping walks every tracked module on every op (O(ops ×
@@ -725,7 +800,10 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
         for b in resident_sizes:
             pool, charge = pool_charge(b)
             pools[pool] = pools.get(pool, 0) + charge
-        overhead = max(0, reserved_lower_bound(pools) - peak)
+        # the replay of the traced step's allocations (after the resident NF4 quant state) through the allocator's
+        # rules; never below the packing bound of the live bytes at the peak
+        replay = replay_caching_allocator([(-1 - i, b) for i, b in enumerate(resident_sizes)] + mt.events)
+        overhead = max(0, reserved_lower_bound(pools) - peak, replay - peak)
     return MemoryEstimate(predicted_peak_bytes=peak, components=comp, peak_phase=phase,
                           peak_op=f"{op} in {short_mod}", method="trace", wall_s=time.perf_counter() - t0,
                           shape=shape, semantics="cuda" if cuda else "cpu", notes=tuple(notes),

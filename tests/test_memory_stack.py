@@ -14,7 +14,7 @@ from structure_configs import LL_D, LL_FF, LL_LAYERS, LL_VOCAB, kogpt2_config, l
 from kolora_probe.memory_budget import (CUDA_CONTEXT_EAGER_BYTES, CUDA_CONTEXT_LAZY_BYTES, budget_verdict,
                                         cuda_context_bytes)
 from kolora_probe.memory_trace import (StepShape, add_lora, bnb_state_tensors, pool_charge, prepare_kbit,
-                                       reserved_lower_bound, trace_step)
+                                       replay_caching_allocator, reserved_lower_bound, trace_step)
 from kolora_probe.plan import PlanError, apply_overrides, default_plan, load_plan
 
 MIB = 2 ** 20
@@ -168,6 +168,22 @@ def test_allocator_segment_model_by_hand():
     # 3 × 512 B small → one 2 MiB segment; 3 MiB mid → one 20 MiB segment; 12 MiB large as is
     assert reserved_lower_bound({"small": 1536, "mid": 3 * MIB, "large": 12 * MIB}) == 2 * MIB + 20 * MIB + 12 * MIB
     assert reserved_lower_bound({"small": 0, "mid": 0, "large": 0}) == 0
+
+
+def test_caching_allocator_replay_by_hand():
+    KIB = 1024
+    # two 600 KiB requests share one 2 MiB small segment; a 1.5 MiB request opens a 20 MiB large segment
+    assert replay_caching_allocator([(1, 600 * KIB), (2, 600 * KIB), (3, 3 * MIB // 2)]) == 22 * MIB
+    # freed blocks are reused: free + re-allocate the same size costs nothing
+    assert replay_caching_allocator([(1, 12 * MIB), (1, 0), (2, 12 * MIB)]) == 12 * MIB
+    # fragmentation: a freed 12 MiB block cannot hold 14 MiB → a new segment (38 MiB reserved, 26 MiB live)
+    assert replay_caching_allocator([(1, 12 * MIB), (2, 12 * MIB), (1, 0), (3, 14 * MIB)]) == 38 * MIB
+    # a large block is split only when more than 1 MiB would remain: 11 MiB takes the whole 12 MiB block, so the
+    # next 1 MiB request (small pool) opens its own 2 MiB segment
+    assert replay_caching_allocator([(1, 12 * MIB), (1, 0), (2, 11 * MIB), (3, MIB)]) == 14 * MIB
+    # adjacent free blocks merge: two freed 6 MiB halves of a 12 MiB segment hold one 12 MiB request
+    assert replay_caching_allocator([(1, 12 * MIB), (1, 0), (2, 6 * MIB), (3, 6 * MIB), (2, 0), (3, 0),
+                                     (4, 12 * MIB)]) == 12 * MIB
 
 
 def test_cuda_context_figures():
