@@ -16,8 +16,15 @@ How (details and measurements: /work/shared/notes/memory-estimation.md):
   pick CUDA's kernels (flash / memory-efficient SDPA, fused dropout, CUDA autocast policy). ``cuda=False`` traces
   CPU semantics without rounding, which a real CPU step reproduces byte for byte (tests/test_memory_trace.py).
 
-``predicted_peak_bytes`` means what ``torch.cuda.max_memory_allocated()`` would report for the step: the CUDA
-context, cuBLAS workspace and allocator slack (reserved − allocated) are not included.
+``predicted_peak_bytes`` means what ``torch.cuda.max_memory_allocated()`` would report for the step. The
+allocator's slack (reserved − allocated) is ``allocator_overhead_bytes``: every allocation and free of the traced
+step replayed through the CUDA caching allocator's rules (:func:`replay_caching_allocator`). The CUDA context is
+added by the budget verdict (:mod:`kolora_probe.memory_budget`).
+
+The stack is the plan's (:class:`StepShape`): PEFT's ``prepare_model_for_kbit_training`` (non-quantized weights in
+fp32, so hidden states leave each norm in fp32 and bitsandbytes layers return their input's dtype), TRL's bf16
+casting, reentrant or non-reentrant checkpointing, the adapters' dtype, eager or SDPA/flash attention,
+bitsandbytes 8-bit / paged optimizers and a Liger-style fused linear cross-entropy.
 
 NF4 storage (bitsandbytes 0.50, measured equal on CPU in the spike): without double quantization
 ``⌈n/2⌉ + 4·⌈n/64⌉ + 64`` bytes; with it ``⌈n/2⌉ + ⌈n/64⌉ + 4·⌈n/16384⌉ + 4 + 1024 + 64`` bytes. The quant-state
