@@ -33,7 +33,7 @@ GRID: dict[str, tuple[dict, bool]] = {
     "lora bf16-weights b8 s512": (dict(batch_size=8, seq_len=512, weights_dtype="bf16"), False),
     "qlora bf16 b1 s128": (dict(batch_size=1, seq_len=128, quantization="4bit", dtype="bf16", weights_dtype="bf16"), False),
     "qlora bf16 b8 s512": (dict(batch_size=8, seq_len=512, quantization="4bit", dtype="bf16", weights_dtype="bf16"), False),
-    "qlora bf16 b8 s512 ckpt (plan)": (dict(batch_size=8, seq_len=512, quantization="4bit", dtype="bf16",
+    "qlora bf16 b8 s512 ckpt (plan, no prepare_kbit)": (dict(batch_size=8, seq_len=512, quantization="4bit", dtype="bf16",
                                             weights_dtype="bf16", gradient_checkpointing=True), False),
     "qlora bf16 b4 s1024": (dict(batch_size=4, seq_len=1024, quantization="4bit", dtype="bf16", weights_dtype="bf16"), False),
     "qlora bf16 b16 s1024 ckpt": (dict(batch_size=16, seq_len=1024, quantization="4bit", dtype="bf16",

@@ -1,7 +1,8 @@
 """Fixtures for the memory checks (a pytest plugin listed in conftest.pytest_plugins).
 
 Config only: the prediction needs the plan's ``config.json`` (``model_config`` and ``structure_report`` from
-fixtures_structure), no weights. The verdict (trace of one step on fake tensors + largest batch that fits) is computed once per session; the
+fixtures_structure), no weights. The verdict (one trace of the plan's step on fake tensors, reused; the largest batch /
+sequence length that fit, confirmed by traces only when the plan does not fit) is computed once per session; the
 measurement runs one real step on the CUDA device, once, and an OOM comes back as a result, never as an exception.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Memory budget: the plan's training step must fit ``[budget].gpu_memory_gib``.
 
-CPU gate: the predicted peak (fake-tensor trace of one step, what ``torch.cuda.max_memory_allocated()`` would
-report) ≤ budget. GPU (``-m gpu``): the measured peak ≤ budget, and the prediction within the plan's tolerance.
+CPU gate: what the card needs (the predicted peak of a fake-tensor trace of one step, i.e. what
+``torch.cuda.max_memory_allocated()`` would report, + the allocator's segment overhead + the CUDA context) ≤ budget. GPU (``-m gpu``): the measured peak ≤ budget, and the prediction within the plan's tolerance.
 """
 from __future__ import annotations
 
@@ -23,11 +23,17 @@ def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
 
     v = memory_verdict
     e = v.estimate
+    evidence("card_required_bytes", v.card_required_bytes, expected=v.budget_bytes, unit="bytes",
+             note="allocated + allocator overhead + CUDA context; expected = budget (upper bound)")
     evidence("predicted_peak_bytes", e.predicted_peak_bytes, expected=v.budget_bytes, unit="bytes",
-             note=f"{e.method}; peak at {e.peak_phase}: {e.peak_op}; expected = budget (upper bound)")
+             note=f"{e.method}; peak at {e.peak_phase}: {e.peak_op}; what max_memory_allocated() would report")
+    evidence("allocator_overhead_bytes", v.allocator_overhead_bytes, unit="bytes",
+             note="reserved − allocated: the step's allocations replayed through the CUDA caching allocator")
+    evidence("cuda_context_bytes", v.cuda_context_bytes, unit="bytes", note="documented figure for this torch")
     evidence("components", dict(e.components), unit="bytes")
-    evidence("max_batch_size", v.max_batch_size, note=f"at seq_len {e.shape.seq_len}")
-    evidence("max_seq_len", v.max_seq_len, note=f"at batch {e.shape.batch_size}")
+    how = "; closed form scaled to the trace (not traced: the plan fits)" if v.limits_approximate else ""
+    evidence("max_batch_size", v.max_batch_size, note=f"at seq_len {e.shape.seq_len}{how}")
+    evidence("max_seq_len", v.max_seq_len, note=f"at batch {e.shape.batch_size}{how}")
     evidence("trace_wall_s", round(e.wall_s, 2), unit="s")
     evidence.html("memory breakdown", html_table(["component", "MiB"],
                                                  [[k, f"{b / 2**20:,.1f}"] for k, b in e.components.items()]))
@@ -44,7 +50,12 @@ def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evi
     evidence("measured_peak_bytes", m.peak_allocated_bytes, expected=v.budget_bytes, unit="bytes",
              note="torch.cuda.max_memory_allocated() of one step after a warm-up step")
     evidence("measured_reserved_bytes", m.peak_reserved_bytes, unit="bytes")
-    evidence("context_overhead_bytes", m.context_overhead_bytes, unit="bytes", note="NVML used − torch reserved")
+    evidence("context_overhead_bytes", m.context_overhead_bytes, expected=v.cuda_context_bytes, unit="bytes",
+             note="NVML used − torch reserved; expected = the documented CUDA context the CPU verdict assumed")
+    if m.peak_reserved_bytes is not None:
+        evidence("measured_reserved_minus_allocated_bytes", m.peak_reserved_bytes - (m.peak_allocated_bytes or 0),
+                 expected=v.allocator_overhead_bytes, unit="bytes",
+                 note="allocator overhead measured vs predicted (replay of the traced step's allocations)")
     evidence.image("memory breakdown (predicted vs measured)",
                    breakdown_chart_png(v.estimate, v.budget_bytes, m.peak_allocated_bytes))
     if m.oom:

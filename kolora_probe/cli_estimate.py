@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_options(p.add_argument)
     p.add_argument("--method", choices=("trace", "closed-form"), default="trace",
                    help="trace: one step on fake tensors (seconds); closed-form: the documented formula (instant)")
+    p.add_argument("--max-batch", "--search", dest="search", action="store_true",
+                   help="confirm the largest batch size and sequence length that fit with traces even when the plan "
+                        "fits (at most 8 more traces each; without it they are traced only when the plan does not "
+                        "fit, and otherwise estimated from the closed form scaled to the plan's trace)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -46,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from .memory_trace import StepShape
 
     method = "closed_form" if args.method == "closed-form" else "trace"
-    v = budget_verdict(config, StepShape.from_plan(plan), plan.budget_bytes, method)
+    v = budget_verdict(config, StepShape.from_plan(plan), plan.budget_bytes, method, search=args.search)
     doc = v.to_dict()
     doc["model"] = {"id": plan.model.id, "revision": plan.model.revision, "source": source.kind,
                     "path": str(source.path)}
@@ -67,13 +71,26 @@ def run(args: argparse.Namespace) -> int:
     print(table(["component", "MiB", "share"], rows))
     print()
     print(f"peak at: {e.peak_phase}, {e.peak_op}")
-    print(f"predicted peak: {total / GIB:.3f} GiB ({total:,} bytes; what torch.cuda.max_memory_allocated() would "
-          f"report; CUDA context and allocator slack not included)")
+    print(f"predicted peak allocated: {total / GIB:.3f} GiB ({total:,} bytes; what torch.cuda.max_memory_allocated() "
+          f"would report)")
+    print(f"+ allocator overhead:     {v.allocator_overhead_bytes / GIB:.3f} GiB (the step's allocations replayed through "
+          f"the CUDA caching allocator's rules: rounding, segments, fragmentation)")
+    print(f"+ CUDA context:           {v.cuda_context_bytes / GIB:.3f} GiB (documented figure for this torch; "
+          f"measured by -m gpu)")
+    if e.paged_optimizer_bytes:
+        print(f"  (paged optimizer states {e.paged_optimizer_bytes / GIB:.3f} GiB in CUDA managed memory, evictable "
+              f"to host RAM: not counted)")
+    print(f"= card needs:             {v.card_required_bytes / GIB:.3f} GiB")
     print(f"budget: {v.budget_bytes / GIB:.3f} GiB — " + ("fits" if v.fits else "does NOT fit")
           + f" (headroom {v.headroom_bytes / GIB:+.3f} GiB)")
-    print(f"largest batch size that fits at seq {e.shape.seq_len}: {v.max_batch_size}")
+    how = (" (≈: closed form scaled to the plan's trace; --max-batch confirms with traces)"
+           if v.limits_approximate else "")
+    approx = "≈" if v.limits_approximate else ""
+    print(f"largest batch size that fits at seq {e.shape.seq_len}: {approx}{v.max_batch_size}{how}")
     lim = f" (model limit {v.seq_limit})" if v.seq_limit else ""
-    print(f"largest sequence length that fits at batch {e.shape.batch_size}: {v.max_seq_len}{lim}")
+    print(f"largest sequence length that fits at batch {e.shape.batch_size}: {approx}{v.max_seq_len}{lim}")
+    if v.traces:
+        print(f"searches: {v.traces} more traces, {v.search_s:.1f} s")
     if not v.fits:
         print(v.message())
     return 0 if v.fits else 1

@@ -1,11 +1,16 @@
 """Does the plan's training step fit its GPU memory budget, and what batch size / sequence length would?
 
-:func:`estimate` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares it with
-``[budget].gpu_memory_gib`` and searches the largest batch size at the plan's sequence length (and the largest
-sequence length at the plan's batch size, up to the model's position limit) that fit. The search uses the closed
-form (instant, monotonic in both), scaled by trace / closed form at the plan's shape; with ``method="trace"`` the
-batch size found is then confirmed by traces at it and one above, and searched with traces where they disagree,
-so the reported batch size is the trace's own boundary; the sequence length is searched the same way.
+:func:`estimate` predicts the step's peak (trace or closed form); :func:`budget_verdict` compares what the card
+needs with ``[budget].gpu_memory_gib``: the predicted allocated peak (what ``max_memory_allocated`` reports) +
+the caching allocator's overhead (reserved − allocated: the traced step's allocations and frees replayed through
+the allocator's rules, :func:`kolora_probe.memory_trace.replay_caching_allocator`) + the CUDA context.
+
+The largest batch size at the plan's sequence length (and the largest sequence length at the plan's batch size,
+up to the model's position limit) that fit come from the closed form (instant, monotonic in both), scaled by
+trace / closed form at the plan's shape. Only when the plan does not fit, or the caller asks (``search=True``,
+``estimate --max-batch``), are they confirmed with traces (at the answer and one above, searched where they
+disagree), so that they are the trace's own boundary: at most :data:`MAX_TRACES_PER_SEARCH` traces per dimension
+after the plan's own, which is traced once and reused.
 """
 from __future__ import annotations
 
@@ -17,6 +22,28 @@ from .memory_trace import MemoryEstimate, StepShape, TraceUnsupported
 
 METHODS = ("trace", "closed_form")
 MAX_SEARCH_BATCH = 1 << 16
+MAX_TRACES_PER_SEARCH = 8
+# The CUDA context (driver state + loaded kernel images) is outside PyTorch's allocator. Measured by PyTorch for a
+# bare context (https://github.com/pytorch/pytorch/pull/86509): 287,047,680 B with CUDA lazy module loading (the
+# default since torch 1.13 with CUDA >= 11.7), 666,632,192 B eager (CUDA_MODULE_LOADING=EAGER or older torch).
+# `-m gpu` measures it (NVML used − torch reserved) on the training box.
+CUDA_CONTEXT_LAZY_BYTES = 287_047_680
+CUDA_CONTEXT_EAGER_BYTES = 666_632_192
+
+
+def cuda_context_bytes(torch_version: str | None = None, module_loading: str | None = None) -> int:
+    """Documented CUDA context size for this torch version and ``CUDA_MODULE_LOADING`` (default: this process)."""
+    import os
+
+    from packaging.version import Version
+
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    loading = (module_loading if module_loading is not None else os.environ.get("CUDA_MODULE_LOADING", "")).upper()
+    lazy = Version(Version(torch_version).base_version) >= Version("1.13") and loading != "EAGER"
+    return CUDA_CONTEXT_LAZY_BYTES if lazy else CUDA_CONTEXT_EAGER_BYTES
 
 
 @dataclass(frozen=True)
@@ -28,30 +55,53 @@ class BudgetVerdict:
     max_seq_len: int             # at the plan's batch size; 0 when not even length 1 fits
     seq_limit: int | None        # the model's position limit (n_positions / max_position_embeddings)
     search_s: float
+    cuda_context_bytes: int = 0
+    limits_method: str = "trace"  # trace: both limits are the trace's own boundary; closed_form: scaled estimate
+    traces: int = 0               # traces run by the searches (the plan's own trace not counted)
 
     @property
     def predicted_peak_bytes(self) -> int:
         return self.estimate.predicted_peak_bytes
 
     @property
+    def limits_approximate(self) -> bool:
+        """The limits are the closed form scaled to the plan's trace, not confirmed by traces (the plan fits)."""
+        return self.estimate.method == "trace" and self.limits_method != "trace"
+
+    @property
+    def allocator_overhead_bytes(self) -> int:
+        return self.estimate.allocator_overhead_bytes
+
+    @property
+    def card_required_bytes(self) -> int:
+        """What the card must hold: allocated peak + allocator segment overhead + CUDA context."""
+        return self.predicted_peak_bytes + self.allocator_overhead_bytes + self.cuda_context_bytes
+
+    @property
     def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.predicted_peak_bytes
+        return self.budget_bytes - self.card_required_bytes
 
     def to_dict(self) -> dict[str, Any]:
         d = self.estimate.to_dict()
-        d.update({"budget_bytes": self.budget_bytes, "fits": self.fits, "max_batch_size": self.max_batch_size,
-                  "max_seq_len": self.max_seq_len, "seq_limit": self.seq_limit,
-                  "headroom_bytes": self.headroom_bytes, "search_s": round(self.search_s, 3)})
+        d.update({"budget_bytes": self.budget_bytes, "cuda_context_bytes": self.cuda_context_bytes,
+                  "card_required_bytes": self.card_required_bytes, "fits": self.fits,
+                  "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                  "limits_method": self.limits_method, "seq_limit": self.seq_limit,
+                  "headroom_bytes": self.headroom_bytes, "search_s": round(self.search_s, 3),
+                  "search_traces": self.traces})
         return d
 
     def message(self) -> str:
         """One line: the verdict with numbers, and the fix when it does not fit."""
         gib = 2 ** 30
         s = self.estimate.shape
-        head = (f"predicted peak {self.predicted_peak_bytes / gib:.2f} GiB ({self.estimate.method}) for batch "
-                f"{s.batch_size} × seq {s.seq_len} vs budget {self.budget_bytes / gib:.2f} GiB")
+        head = (f"card needs {self.card_required_bytes / gib:.2f} GiB (predicted peak allocated "
+                f"{self.predicted_peak_bytes / gib:.2f} GiB ({self.estimate.method}) + allocator overhead "
+                f"{self.allocator_overhead_bytes / gib:.2f} + CUDA context {self.cuda_context_bytes / gib:.2f}) for "
+                f"batch {s.batch_size} × seq {s.seq_len} vs budget {self.budget_bytes / gib:.2f} GiB")
         if self.fits:
-            return f"{head}: fits (largest batch that fits: {self.max_batch_size})"
+            approx = "≈" if self.limits_approximate else ""
+            return f"{head}: fits (largest batch that fits: {approx}{self.max_batch_size})"
         if self.max_batch_size >= 1:
             fix = (f"largest batch size that fits: {self.max_batch_size} at seq {s.seq_len}; fix: set "
                    f"[training].batch_size = {self.max_batch_size} (or --batch-size {self.max_batch_size})")
@@ -90,10 +140,19 @@ def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = 
             else:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                 note = f"trace failed ({reason}); closed form used, not cross-checked by a trace"
-            return replace(est, notes=est.notes + (note,))
+            return replace(est, notes=est.notes + (note,) + _closed_form_gaps(shape))
     t0 = time.perf_counter()
     est = closed_form(facts or model_facts(config, shape), shape)
-    return replace(est, wall_s=time.perf_counter() - t0)
+    return replace(est, wall_s=time.perf_counter() - t0, notes=est.notes + _closed_form_gaps(shape))
+
+
+def _closed_form_gaps(shape: StepShape) -> tuple[str, ...]:
+    """A note naming the plan's stack settings the closed form does not model (only the trace does)."""
+    gaps = [k for k, on in (("prepare_kbit", shape.prepare_kbit), ("trl_casting", shape.trl_casting),
+                            ("fused_cross_entropy", shape.fused_cross_entropy),
+                            ("attn_implementation=eager", shape.attn_implementation == "eager"),
+                            (f"adapter_dtype={shape.adapter_dtype}", shape.adapter_dtype != "fp32")) if on]
+    return (f"the closed form does not model {', '.join(gaps)} (the trace does): expect it to be low",) if gaps else ()
 
 
 def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:
@@ -117,8 +176,14 @@ def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
     return lo
 
 
+def _need(est: MemoryEstimate) -> int:
+    """Bytes of the card's budget a step needs besides the CUDA context: allocated peak + allocator overhead."""
+    return est.predicted_peak_bytes + est.allocator_overhead_bytes
+
+
 def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: MemoryEstimate, guess: int,
-                    dim: str = "batch_size", limit: int = MAX_SEARCH_BATCH, max_traces: int = 8) -> int:
+                    dim: str = "batch_size", limit: int = MAX_SEARCH_BATCH, max_traces: int = MAX_TRACES_PER_SEARCH,
+                    counter: list[int] | None = None) -> int:
     """The largest ``dim`` (batch_size or seq_len, up to ``limit``) whose *trace* fits. A trace at the closed
     form's ``guess`` and the plan's own trace give a line (secant) whose crossing of the budget is checked together
     with one more; the boundary is searched with traces only when they disagree with it. Where a trace cannot run
@@ -126,15 +191,17 @@ def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: Memor
     from .memory_trace import trace_step
 
     n0 = getattr(shape, dim)
-    peaks: dict[int, int] = {n0: est.predicted_peak_bytes}
-    known: dict[int, bool] = {n0: est.predicted_peak_bytes <= budget_bytes}
+    peaks: dict[int, int] = {n0: _need(est)}
+    known: dict[int, bool] = {n0: _need(est) <= budget_bytes}
 
     def fits(n: int) -> bool:
         if n not in known:
             if len(known) > max_traces:
                 raise RuntimeError("trace budget spent")
-            peaks[n] = trace_step(config, shape.with_(**{dim: n})).predicted_peak_bytes
+            peaks[n] = _need(trace_step(config, shape.with_(**{dim: n})))
             known[n] = peaks[n] <= budget_bytes
+            if counter is not None:
+                counter[0] += 1
         return known[n]
 
     try:
@@ -169,12 +236,18 @@ def _trace_boundary(config: Any, shape: StepShape, budget_bytes: int, est: Memor
 
 
 def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str = "trace",
-                   est: MemoryEstimate | None = None) -> BudgetVerdict:
-    """Fit yes/no for ``shape`` and the largest batch size / sequence length that fit ``budget_bytes``."""
+                   est: MemoryEstimate | None = None, search: bool = False,
+                   context_bytes: int | None = None) -> BudgetVerdict:
+    """Fit yes/no for ``shape`` (allocated + allocator overhead + CUDA context ≤ ``budget_bytes``) and the largest
+    batch size / sequence length that fit. ``est``: the plan's estimate when the caller has it (never traced
+    twice). The limits are the trace's own boundary when the plan does not fit or ``search`` is set; otherwise
+    the closed form scaled to the trace (no further trace)."""
     from .memory_closed_form import closed_form, model_facts
 
     facts = model_facts(config, shape)
     est = est or estimate(config, shape, method, facts)
+    context = cuda_context_bytes() if context_bytes is None else context_bytes
+    cap = budget_bytes - context                      # what the allocator may reserve
     t0 = time.perf_counter()
 
     def cf(b: int, s: int) -> int:
@@ -185,21 +258,24 @@ def budget_verdict(config: Any, shape: StepShape, budget_bytes: int, method: str
     ratio = 1.0
     if est.method == "trace":
         at_plan = cf(shape.batch_size, shape.seq_len)
-        ratio = est.predicted_peak_bytes / at_plan if at_plan else 1.0
-    max_b = _largest(lambda b: cf(b, shape.seq_len) * ratio <= budget_bytes, MAX_SEARCH_BATCH)
+        ratio = _need(est) / at_plan if at_plan else 1.0
+    max_b = _largest(lambda b: cf(b, shape.seq_len) * ratio <= cap, MAX_SEARCH_BATCH)
     limit = seq_limit_of(config)
-    max_s = _largest(lambda s: cf(shape.batch_size, s) * ratio <= budget_bytes, limit or 1 << 20)
-    if est.method == "trace":
-        max_b = _trace_boundary(config, shape, budget_bytes, est, max_b)
-        max_s = _trace_boundary(config, shape, budget_bytes, est, max_s, "seq_len", limit or 1 << 20)
-    fits = est.predicted_peak_bytes <= budget_bytes
+    max_s = _largest(lambda s: cf(shape.batch_size, s) * ratio <= cap, limit or 1 << 20)
+    fits = _need(est) <= cap
+    traced = est.method == "trace" and (search or not fits)
+    counter = [0]
+    if traced:
+        max_b = _trace_boundary(config, shape, cap, est, max_b, counter=counter)
+        max_s = _trace_boundary(config, shape, cap, est, max_s, "seq_len", limit or 1 << 20, counter=counter)
     if fits and max_b < shape.batch_size:   # the trace says it fits where the closed form did not
         max_b = shape.batch_size
     if fits and max_s < shape.seq_len:
         max_s = shape.seq_len
     if limit:
         max_s = min(max_s, limit)     # never an answer the model's position embeddings cannot run
-    return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0)
+    return BudgetVerdict(est, budget_bytes, fits, max_b, max_s, limit, time.perf_counter() - t0, context,
+                         "trace" if traced else "closed_form", counter[0])
 
 
 def check_targets(config: Any, plan: Any, report: Any = None) -> str | None:

@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .memory_trace import (COMPONENTS, CUDA_BLOCK, MemoryEstimate, StepShape, adamw8bit_state_bytes, nf4_bytes,
-                           round_block)
+from .memory_trace import (BNB_OPTIMIZERS, COMPONENTS, CUDA_BLOCK, MemoryEstimate, StepShape, bnb_state_tensors,
+                           nf4_bytes, round_block)
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -287,8 +287,9 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
     comp["lora_weights"] = sum(R(4 * n) for n in facts.lora_numels)
     if shape.optimizer == "adamw":
         comp["optimizer_states"] = sum(2 * R(4 * n) for n in facts.lora_numels)
-    elif shape.optimizer == "adamw_8bit":
-        comp["optimizer_states"] = adamw8bit_state_bytes(list(facts.lora_numels), CUDA_BLOCK)
+    elif shape.optimizer in BNB_OPTIMIZERS:   # paged state buffers live outside PyTorch's allocator
+        comp["optimizer_states"] = sum(b for b, paged in bnb_state_tensors(list(facts.lora_numels), shape.optimizer,
+                                                                           CUDA_BLOCK) if not paged)
     T = shape.batch_size * shape.seq_len
     m = T * facts.hidden
     ew, _, res, _ = _dtypes(facts, shape)

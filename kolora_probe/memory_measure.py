@@ -77,10 +77,16 @@ def _storage_bytes(tensors: Any) -> int:
 
 
 def resident_bytes(model: Any, optimizer: Any, *extra: Any) -> int:
-    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state and ``extra`` tensors."""
+    """Bytes of the distinct storages of parameters, buffers, gradients, optimizer state, bitsandbytes 4-bit
+    quant-state tensors (absmax, code, offset and the nested state: attributes, not parameters) and ``extra``."""
     import torch
 
     ts = [p for p in model.parameters()] + [b for b in model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        while state is not None:
+            ts += [t for t in (getattr(state, k, None) for k in ("absmax", "code", "offset")) if torch.is_tensor(t)]
+            state = getattr(state, "state2", None)
     ts += [p.grad for p in model.parameters() if p.grad is not None]
     ts += [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.numel() > 0]
     ts += [e for e in extra if torch.is_tensor(e)]
@@ -165,7 +171,7 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
     import bitsandbytes as bnb
     import torch
 
-    from .memory_trace import _quantize_4bit_meta, add_lora, step_config
+    from .memory_trace import _quantize_4bit_meta, add_lora, prepare_kbit, step_config, trl_cast
     from .meta_model import build_meta_model, torch_dtype
 
     model = _quantize_4bit_meta(build_meta_model(step_config(config, shape), shape.weights_dtype), shape)
@@ -187,7 +193,12 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return add_lora(model.to(device), shape)
+    model = model.to(device)
+    if shape.prepare_kbit:      # the plan's stack, as the trace builds it
+        model = prepare_kbit(model)
+    if shape.trl_casting:
+        trl_cast(model, shape)
+    return add_lora(model, shape)
 
 
 def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurement:

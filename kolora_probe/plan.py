@@ -17,7 +17,9 @@ from typing import Any, Callable, Mapping
 
 DTYPES = ("fp32", "fp16", "bf16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
-OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 BIASES = ("none", "all", "lora_only")
 
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent.parent / "plans" / "kogpt2-lora.toml"
@@ -82,6 +84,13 @@ class TrainingSpec:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     use_cache: bool = False          # transformers' KV cache during the training forward
+    # The stack as the HF/PEFT/TRL recipes run it (None = that stack's default, resolved in StepShape.from_plan):
+    prepare_kbit: bool | None = None             # PEFT prepare_model_for_kbit_training; default: on when quantized
+    checkpointing_reentrant: bool | None = None  # default: reentrant with prepare_kbit (torch's default), else not
+    trl_casting: bool = False                    # TRL SFTTrainer (bf16, 4-bit): embeddings/head back to bf16
+    adapter_dtype: str = "fp32"                  # PEFT casts adapters to fp32 (autocast_adapter_dtype=True)
+    attn_implementation: str = "sdpa"            # transformers' default; eager keeps b·h·s² scores
+    fused_cross_entropy: bool = False            # Liger fused linear-cross-entropy: no b·s·V logits
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,12 @@ SCHEMA: dict[str, dict[str, tuple[Validator, str]]] = {
         "gradient_checkpointing": ((lambda v: isinstance(v, bool)), "true or false"),
         "optimizer": _choice(OPTIMIZERS),
         "use_cache": ((lambda v: isinstance(v, bool)), "true or false"),
+        "prepare_kbit": ((lambda v: isinstance(v, bool)), "true or false"),
+        "checkpointing_reentrant": ((lambda v: isinstance(v, bool)), "true or false"),
+        "trl_casting": ((lambda v: isinstance(v, bool)), "true or false"),
+        "adapter_dtype": _choice(ADAPTER_DTYPES),
+        "attn_implementation": _choice(ATTN_IMPLEMENTATIONS),
+        "fused_cross_entropy": ((lambda v: isinstance(v, bool)), "true or false"),
     },
     "budget": {
         "gpu_memory_gib": ((lambda v: _is_num(v) and 0 < v <= MAX_GPU_MEMORY_GIB),

@@ -369,10 +369,12 @@ def optimizer_for(model: Any, name: str, lr: float = 1e-4) -> Any:
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
-    if name == "adamw_8bit":
+    if name in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr)
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+        return cls(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr)
 
 

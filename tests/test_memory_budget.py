@@ -4,7 +4,7 @@ import torch
 
 from structure_configs import kogpt2_config
 
-from kolora_probe.memory_budget import _largest, budget_verdict, breakdown_chart_png
+from kolora_probe.memory_budget import _largest, budget_verdict, breakdown_chart_png, cuda_context_bytes
 from kolora_probe.memory_measure import is_oom, measure_callable
 from kolora_probe.memory_trace import StepShape, trace_step
 
@@ -14,6 +14,11 @@ GIB = 2 ** 30
 @pytest.fixture(scope="module")
 def ko():
     return kogpt2_config()
+
+
+def card(est, context: int) -> int:
+    """What the card needs for a traced step: allocated peak + allocator overhead + CUDA context."""
+    return est.predicted_peak_bytes + est.allocator_overhead_bytes + context
 
 
 def test_largest_search():
@@ -28,17 +33,20 @@ def test_max_batch_is_the_trace_boundary(ko):
     shape = StepShape(batch_size=8, seq_len=512, targets=("lm_head",), lora_dropout=0.1)
     budget = int(2.0 * GIB)
     v = budget_verdict(ko, shape, budget, "trace")
-    assert not v.fits and v.estimate.method == "trace"
+    assert not v.fits and v.estimate.method == "trace" and v.limits_method == "trace"
     assert 1 <= v.max_batch_size < 8
-    assert trace_step(ko, shape.with_(batch_size=v.max_batch_size)).predicted_peak_bytes <= budget
-    assert trace_step(ko, shape.with_(batch_size=v.max_batch_size + 1)).predicted_peak_bytes > budget
+    ctx = v.cuda_context_bytes
+    assert ctx == cuda_context_bytes() and v.card_required_bytes == card(v.estimate, ctx) > budget
+    assert 1 <= v.traces <= 16
+    assert card(trace_step(ko, shape.with_(batch_size=v.max_batch_size)), ctx) <= budget
+    assert card(trace_step(ko, shape.with_(batch_size=v.max_batch_size + 1)), ctx) > budget
     msg = v.message()
     assert f"largest batch size that fits: {v.max_batch_size}" in msg and "does NOT fit" in msg
     assert "\n" not in msg
     assert 0 < v.max_seq_len < 512
     s = v.max_seq_len   # the trace's own boundary too, at the plan's batch size
-    assert trace_step(ko, shape.with_(seq_len=s)).predicted_peak_bytes <= budget
-    assert trace_step(ko, shape.with_(seq_len=s + 1)).predicted_peak_bytes > budget
+    assert card(trace_step(ko, shape.with_(seq_len=s)), ctx) <= budget
+    assert card(trace_step(ko, shape.with_(seq_len=s + 1)), ctx) > budget
 
 
 @pytest.mark.parametrize("budget_mib", [40, 160])
@@ -52,17 +60,17 @@ def test_max_batch_is_the_trace_boundary_where_the_closed_form_is_off(budget_mib
                        pad_token_id=0)
     shape = StepShape(batch_size=4, seq_len=256, targets=("q_proj", "v_proj"))
     budget = budget_mib * 2 ** 20
-    v = budget_verdict(cfg, shape, budget, "trace")
-    assert v.estimate.method == "trace"
+    v = budget_verdict(cfg, shape, budget, "trace", search=True, context_bytes=0)   # the allocation boundary
+    assert v.estimate.method == "trace" and v.limits_method == "trace" and v.cuda_context_bytes == 0
     b = v.max_batch_size
     assert b >= 1
-    assert trace_step(cfg, shape.with_(batch_size=b)).predicted_peak_bytes <= budget
-    assert trace_step(cfg, shape.with_(batch_size=b + 1)).predicted_peak_bytes > budget
+    assert card(trace_step(cfg, shape.with_(batch_size=b)), 0) <= budget
+    assert card(trace_step(cfg, shape.with_(batch_size=b + 1)), 0) > budget
     s = v.max_seq_len   # eager attention keeps b·h·s² scores: the peak is not linear in s, the search still lands
     assert 1 <= s <= 512 == v.seq_limit
-    assert trace_step(cfg, shape.with_(seq_len=s)).predicted_peak_bytes <= budget
+    assert card(trace_step(cfg, shape.with_(seq_len=s)), 0) <= budget
     if s < 512:
-        assert trace_step(cfg, shape.with_(seq_len=s + 1)).predicted_peak_bytes > budget
+        assert card(trace_step(cfg, shape.with_(seq_len=s + 1)), 0) > budget
     assert (s < 512) == (budget_mib == 40)
 
 
