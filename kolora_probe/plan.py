@@ -9,7 +9,6 @@ with the same validation (the "file" is then the option name).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -84,6 +83,8 @@ class Plan:
     budget: BudgetSpec
     checks: ChecksSpec = field(default_factory=ChecksSpec)
     source: str = "<defaults>"
+    origins: Mapping[str, str] = field(default_factory=dict)  # "table.key" -> file key, CLI option or default
+    notes: tuple[str, ...] = ()      # settings of the user's config that matter but have no plan equivalent
 
     @property
     def budget_bytes(self) -> int:
@@ -230,23 +231,17 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a TOML plan file. Raises PlanError with one line per problem."""
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError([f"{p}: plan file not found; pass an existing TOML file with --plan "
-                         f"(the default is {DEFAULT_PLAN_PATH})"])
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanError([f"{p}: not valid TOML ({exc}); fix the syntax at that line"]) from None
-    except UnicodeDecodeError as exc:
-        raise PlanError([f"{p}: not UTF-8 text ({exc.reason}); save the plan as UTF-8 TOML"]) from None
-    return plan_from_dict(data, str(p))
+    """Read and validate a plan file: a kolora-probe TOML or a training config that
+    :mod:`kolora_probe.plan_formats` recognises by content. Raises PlanError with one line per problem."""
+    from .plan_formats import load_plans
+
+    return load_plans([path])
 
 
 def plan_to_dict_for_override(plan: Plan) -> dict[str, dict[str, Any]]:
     d = plan.to_dict()
-    d.pop("source")
+    for k in ("source", "origins", "notes"):
+        d.pop(k)
     out: dict[str, dict[str, Any]] = {}
     for table, section in d.items():
         out[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items() if v is not None}
@@ -277,7 +272,8 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
     errors = errors or _cross_field(data, source)
     if errors:
         raise PlanError(errors)
-    return _build(data, source)
+    return dataclasses.replace(_build(data, source), notes=plan.notes, origins={
+        **plan.origins, **{k: f"command line: {option_names.get(k, k)}" for k, v in overrides.items() if v is not None}})
 
 
 def default_plan() -> Plan:
