@@ -574,7 +574,7 @@ def _flag(dotted: str) -> str | None:
 
 def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = None,
             option_names: Mapping[str, str] | None = None, budget_required: bool = True,
-            budget_from_device: Callable[[], tuple[float | None, str]] = device_budget) -> Plan:
+            budget_from_device: Callable[[], tuple[float | None, str]] | None = None) -> Plan:
     """One validated Plan from the readings (in order) and the overrides; origins and notes attached."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     option_names = option_names or {}
@@ -585,7 +585,7 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
     chosen: dict[str, tuple[Any, str, Reading]] = {}
     for r in readings:
         for dotted, (value, origin) in r.values.items():
-            if dotted in chosen and chosen[dotted][0] != value:
+            if dotted in chosen and chosen[dotted][0] != value and dotted not in overrides:
                 flag = _flag(dotted)
                 errors.append(f"{chosen[dotted][1]} = {chosen[dotted][0]!r} but {origin} = {value!r}; make the files "
                               f"agree" + (f" or choose with {flag}" if flag else ""))
@@ -619,7 +619,7 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
         data[table][key] = value
         origins[dotted] = f"command line: {name}"
     if "gpu_memory_gib" not in data["budget"]:
-        gib, why = budget_from_device()
+        gib, why = (budget_from_device or device_budget)()
         if gib is not None:
             data["budget"]["gpu_memory_gib"] = gib
             origins["budget.gpu_memory_gib"] = why
@@ -629,7 +629,7 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
         else:
             data["budget"]["gpu_memory_gib"] = math.inf
             origins["budget.gpu_memory_gib"] = f"not set: pass --budget-gib N (no GPU to take it from: {why})"
-    if foreign:
+    if foreign and not any(r.errors for r in readings):   # a file the reader refused: that line says enough
         for table, keys in REQUIRED.items():
             for key in keys:
                 if key not in data[table] and not any(e for e in errors if f"[{table}].{key}" in e):
