@@ -4,7 +4,8 @@ A plan is a TOML file with four tables (``[model]``, ``[lora]``, ``[training]``,
 optional ``[checks]`` table. :func:`load_plan` validates it against :data:`SCHEMA` and returns a frozen
 :class:`Plan`; every problem becomes one line naming the file, the key and the allowed values, and all
 lines are raised together as :class:`PlanError`. :func:`apply_overrides` applies command-line overrides
-with the same validation (the "file" is then the option name).
+with the same validation (the "file" is then the option name). The user's own training config (axolotl,
+LLaMA-Factory, TRL, PEFT adapter_config.json) is read into the same tables by :mod:`kolora_probe.plan_formats`.
 """
 from __future__ import annotations
 

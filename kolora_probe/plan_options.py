@@ -1,7 +1,8 @@
 """Command-line overrides of plan fields, shared by the pytest options (conftest.py) and the CLI.
 
 Each :class:`PlanOption` maps one option (``--r``) to one plan key (``lora.r``). Both front ends add the
-same options and call :func:`overrides_from` to turn parsed values into :func:`plan.apply_overrides` input.
+same options and call :func:`overrides_from` to turn parsed values into overrides of the plan file(s)
+(:func:`plan_formats.load_plans`).
 """
 from __future__ import annotations
 
