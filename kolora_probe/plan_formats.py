@@ -258,6 +258,8 @@ def _half_dtypes(r: Reading, d: Mapping[str, Any], bf16_key: str = "bf16", fp16_
     if fp16 in (True, "true", "True"):
         r.set("training.dtype", "fp16", f"{fp16_key}: {_yaml(fp16)}")
         return "fp16"
+    if bf16 is not None or fp16 is not None:
+        r.set("training.dtype", "fp32", f"{bf16_key}/{fp16_key}: false")
     return "fp32"
 
 

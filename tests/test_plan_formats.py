@@ -143,6 +143,19 @@ def test_trl_without_use_peft_needs_an_adapter(tmp_path):
     assert any("lora_r: ignored: use_peft is not true" in n for n in plan.notes)
 
 
+def test_transformers_training_arguments_json_with_adapter(tmp_path):
+    args = tmp_path / "training_args.json"
+    args.write_text(json.dumps({"output_dir": "out", "per_device_train_batch_size": 4, "gradient_checkpointing": True,
+                                "fp16": True, "optim": "paged_adamw_8bit", "learning_rate": 1e-4}))
+    assert parse_file(args)[0] == plan_formats.TRANSFORMERS
+    plan = load_plans([args, FIX / "adapter_config.json"], *BUDGET)
+    t = plan.training
+    assert (t.batch_size, t.gradient_checkpointing, t.dtype, t.optimizer) == (4, True, "fp16", "adamw_8bit")
+    assert t.seq_len == 512 and plan.origins["training.seq_len"] == "kolora-probe default"
+    assert [n for n in plan.notes if "max_length" in n and "--seq-len" in n], plan.notes   # said, not dropped
+    assert plan.model.id == "skt/kogpt2-base-v2" and plan.lora.r == 16
+
+
 def test_conflicting_files_are_one_line_naming_both(tmp_path):
     adapter = tmp_path / "adapter_config.json"
     adapter.write_text((FIX / "adapter_config.json").read_text().replace('"r": 16', '"r": 8'))
