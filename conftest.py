@@ -206,6 +206,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines += [f"PLAN ERROR: {e}" for e in errors]
         return lines
     lines += [f"{k.lower()}: {v}" for k, v in _plan_metadata(config).items()]
+    lines += [f"plan note: {n}" for n in config.stash[PLAN_KEY].notes]
     values, names = overrides_from(config.getoption)
     if values:
         lines.append("overrides: " + ", ".join(f"{names[k]}={v!r}" for k, v in values.items()))

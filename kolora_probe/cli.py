@@ -12,7 +12,7 @@ import sys
 from .model_source import ModelConfigError, ModelNotFound, RemoteCodeRefused
 from .plan import PlanError
 
-SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor")
+SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ the model or the targets are invalid.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from . import strict_json
 from .cli_analyze import fail, table
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
     plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
+    for note in plan.notes:
+        print(f"kolora-probe estimate: plan note: {note}", file=sys.stderr)
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)

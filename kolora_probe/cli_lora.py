@@ -7,6 +7,8 @@ shape), 1 when they do not, 2 when the model cannot be found or the targets do n
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from . import strict_json
 from .cli_analyze import fail, grouped_rows, layer_table, table, tensor_groups
@@ -38,7 +40,9 @@ def parameter_table(rows) -> str:
 def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
-    plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
+    plan = plan_from_namespace(args, budget_required=False)   # PlanError → cli.py: one line per problem, exit 2
+    for note in plan.notes:
+        print(f"kolora-probe lora: plan note: {note}", file=sys.stderr)
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)

@@ -4,13 +4,13 @@ A plan is a TOML file with four tables (``[model]``, ``[lora]``, ``[training]``,
 optional ``[checks]`` table. :func:`load_plan` validates it against :data:`SCHEMA` and returns a frozen
 :class:`Plan`; every problem becomes one line naming the file, the key and the allowed values, and all
 lines are raised together as :class:`PlanError`. :func:`apply_overrides` applies command-line overrides
-with the same validation (the "file" is then the option name).
+with the same validation (the "file" is then the option name). The user's own training config (axolotl,
+LLaMA-Factory, TRL, PEFT adapter_config.json) is read into the same tables by :mod:`kolora_probe.plan_formats`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -113,7 +113,9 @@ class Plan:
     budget: BudgetSpec
     checks: ChecksSpec = field(default_factory=ChecksSpec)
     source: str = "<defaults>"
-    notes: tuple[str, ...] = ()      # what the overrides changed beyond the keys they set (shown to the user)
+    origins: Mapping[str, str] = field(default_factory=dict)  # "table.key" -> file key, CLI option or default
+    notes: tuple[str, ...] = ()      # what the user should know: settings of their config with no plan equivalent,
+                                     # and what the overrides changed beyond the keys they set
 
     @property
     def budget_bytes(self) -> int:
@@ -278,31 +280,17 @@ def plan_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a TOML plan file. Raises PlanError with one line per problem."""
-    p = Path(path)
-    try:
-        exists = p.is_file()
-        text = p.read_text(encoding="utf-8") if exists else ""
-    except OSError as exc:  # permissions, a device file, a name too long
-        shown = str(p) if len(str(p)) <= 120 else f"{str(p)[:60]}…{str(p)[-40:]} ({len(str(p)):,} characters)"
-        raise PlanError([f"{shown}: cannot read the plan file ({exc.strerror or exc}); pass a readable TOML file "
-                         f"with --plan"]) from None
-    except UnicodeDecodeError as exc:
-        raise PlanError([f"{p}: not UTF-8 text ({exc.reason}); save the plan as UTF-8 TOML"]) from None
-    if not exists:
-        raise PlanError([f"{p}: plan file not found; pass an existing TOML file with --plan "
-                         f"(the default is {DEFAULT_PLAN_PATH})"])
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanError([f"{p}: not valid TOML ({exc}); fix the syntax at that line"]) from None
-    return plan_from_dict(data, str(p))
+    """Read and validate a plan file: a kolora-probe TOML or a training config that
+    :mod:`kolora_probe.plan_formats` recognises by content. Raises PlanError with one line per problem."""
+    from .plan_formats import load_plans
+
+    return load_plans([path])
 
 
 def plan_to_dict_for_override(plan: Plan) -> dict[str, dict[str, Any]]:
     d = plan.to_dict()
-    d.pop("source")
-    d.pop("notes")
+    for k in ("source", "origins", "notes"):
+        d.pop(k)
     out: dict[str, dict[str, Any]] = {}
     for table, section in d.items():
         out[table] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items() if v is not None}
@@ -351,7 +339,8 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
     errors = errors or _cross_field(data, source)
     if errors:
         raise PlanError(errors)
-    return _build(data, source, notes)
+    return dataclasses.replace(_build(data, source, notes), origins={
+        **plan.origins, **{k: f"command line: {option_names.get(k, k)}" for k, v in overrides.items() if v is not None}})
 
 
 def default_plan() -> Plan:

@@ -1,14 +1,16 @@
 """Command-line overrides of plan fields, shared by the pytest options (conftest.py) and the CLI.
 
 Each :class:`PlanOption` maps one option (``--r``) to one plan key (``lora.r``). Both front ends add the
-same options and call :func:`overrides_from` to turn parsed values into :func:`plan.apply_overrides` input.
+same options and call :func:`overrides_from` to turn parsed values into overrides of the plan file(s)
+(:func:`plan_formats.load_plans`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
-from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, UNSET, Plan, apply_overrides, default_plan, load_plan
+from .plan import DEFAULT_PLAN_PATH, DTYPES, OPTIMIZERS, QUANTIZATIONS, UNSET, Plan
 
 
 def _csv(value: str) -> list[str]:
@@ -73,8 +75,10 @@ def _safe(convert: Callable[[str], Any], flag: str) -> Callable[[str], Any]:
 
 def add_plan_options(add: Callable[..., Any], prefix_help: str = "") -> None:
     """Add every plan option through ``add`` (argparse's add_argument or pytest's parser.addoption)."""
-    add("--plan", dest="plan_path", default=None,
-        help=prefix_help + "training plan TOML file (default: plans/kogpt2-lora.toml)")
+    add("--plan", dest="plan_path", default=None, action="append",
+        help=prefix_help + "training plan: a kolora-probe TOML, a PEFT adapter_config.json, an axolotl or LLaMA-Factory "
+                           "YAML, or a TRL/transformers training-arguments YAML/JSON; repeat to combine files "
+                           "(e.g. --plan train.yaml --plan adapter_config.json) (default: plans/kogpt2-lora.toml)")
     for opt in PLAN_OPTIONS:
         if opt.boolean:
             add(opt.flag, dest=opt.dest, action="store_true", default=None, help=opt.help)
@@ -96,15 +100,21 @@ def overrides_from(get: Callable[[str], Any]) -> tuple[dict[str, Any], dict[str,
     return values, names
 
 
-def plan_from_options(plan_path: str | None, get: Callable[[str], Any]) -> Plan:
-    """Load the plan (or the default) and apply the option overrides. Raises PlanError."""
-    plan = load_plan(plan_path) if plan_path else default_plan()
+def plan_from_options(plan_path: str | Sequence[str] | None, get: Callable[[str], Any],
+                      budget_required: bool = True) -> Plan:
+    """Load the plan file(s) (or the default) with the option overrides. Raises PlanError.
+
+    ``budget_required=False`` (commands that never use the budget) leaves a missing budget unset instead of failing.
+    """
+    from .plan_formats import load_plans
+
+    paths = [plan_path] if isinstance(plan_path, (str, Path)) else list(plan_path or []) or [DEFAULT_PLAN_PATH]
     values, names = overrides_from(get)
-    return apply_overrides(plan, values, names) if values else plan
+    return load_plans(paths, values, names, budget_required=budget_required)
 
 
-def plan_from_namespace(ns: Any) -> Plan:
-    return plan_from_options(getattr(ns, "plan_path", None), lambda dest: getattr(ns, dest, None))
+def plan_from_namespace(ns: Any, budget_required: bool = True) -> Plan:
+    return plan_from_options(getattr(ns, "plan_path", None), lambda dest: getattr(ns, dest, None), budget_required)
 
 
 def describe(values: Mapping[str, Any]) -> str:
