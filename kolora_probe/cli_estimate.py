@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
     plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
+    if plan.distributed.strategy != "none" or plan.distributed.config:
+        from .cli_estimate_distributed import run_distributed   # per-rank memory (DDP, FSDP2, ZeRO)
+
+        return run_distributed(args, plan)
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)

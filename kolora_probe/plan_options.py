@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, Plan, apply_overrides, default_plan, load_plan
+from .plan import DTYPES, OPTIMIZERS, QUANTIZATIONS, STRATEGIES, Plan, apply_overrides, default_plan, load_plan
 
 
 def _csv(value: str) -> list[str]:
@@ -51,6 +51,10 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--gradient-checkpointing", "training.gradient_checkpointing", None,
                "overrides [training].gradient_checkpointing", boolean=True),
     PlanOption("--budget-gib", "budget.gpu_memory_gib", float, "GPU memory budget in GiB (overrides [budget].gpu_memory_gib)"),
+    PlanOption("--strategy", "distributed.strategy", str, "multi-GPU strategy (overrides [distributed].strategy)", STRATEGIES),
+    PlanOption("--world-size", "distributed.world_size", int, "ranks in all (overrides [distributed].world_size)"),
+    PlanOption("--distributed-config", "distributed.config", str,
+               "accelerate config YAML or DeepSpeed JSON (overrides [distributed].config)"),
 )
 
 
