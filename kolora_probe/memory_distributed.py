@@ -17,6 +17,8 @@
   the trainable parameters' gradients at construction (``gradient_as_bucket_view=False``, PyTorch's default) and
   keeps them, so they are resident at the step's peak. Buckets are assigned by
   ``torch.distributed._compute_bucket_assignment_by_size`` with DDP's limits (1 MiB first bucket, 25 MiB after).
+  With CPU semantics (gloo) one more bucket-sized buffer is live during the all-reduce (measured: a real 2-rank
+  CPU DDP step exceeds one rank's step + buckets by exactly the bucket); NCCL reduces in place.
 * ``zero2`` / ``zero3``: a closed form on top of one GPU's traced step: activations, logits and workspace from the
   trace; the frozen weights replicated (ZeRO-2) or partitioned 1/N (ZeRO-3, plus the largest layer gathered);
   the trainable (LoRA) model states as DeepSpeed 0.19.8 counts them, per trainable parameter P:
@@ -359,9 +361,14 @@ def rank_estimate(config: Any, shape: StepShape, dist: Any, world_size: int | No
         buckets = ddp_bucket_bytes(facts.trainable_numels, facts.trainable_element_size, block)
         comp = dict(single.components)
         comp["ddp_gradient_buckets"] = sum(buckets)
+        notes = ()
+        if single.semantics == "cpu" and buckets:   # gloo's all-reduce works on a bucket-sized scratch copy
+            comp["gloo_allreduce_scratch"] = max(buckets)
+            notes = ("CPU semantics: gloo all-reduce scratch (one bucket) measured in a real 2-rank CPU step",)
         return RankEstimate("ddp", n, dist.nodes, sum(comp.values()), comp, f"{single.method}+ddp_buckets", single,
                             single.semantics, single.wall_s, 0,
-                            single.notes + (f"DDP: {len(buckets)} gradient bucket(s) resident beside the step",))
+                            single.notes + (f"DDP: {len(buckets)} gradient bucket(s) resident beside the step",)
+                            + notes)
     return zero_rank_estimate(single, facts, strategy, n, dist.nodes, dist.offload_optimizer, dist.offload_params)
 
 
@@ -411,3 +418,41 @@ def _fsdp_guess(at: RankEstimate, budget: int, start: int, limit: int) -> int | 
             return n
         n *= 2
     return None
+
+
+# --- measurement ---------------------------------------------------------------------------------------------
+def measure_ddp_step(config: Any, shape: StepShape, device: str = "cpu") -> Any:
+    """One real DDP step of the plan on this rank (the process group is initialised by the caller, e.g. gloo
+    under torchrun): the model with LoRA wrapped in ``DistributedDataParallel``, a warm-up step, then one
+    measured step. Resident bytes = parameters, buffers, gradients, optimizer state, the batch and the reducer's
+    gradient buckets (``reducer._get_zeros_like_grad_buckets()`` gives their real layout); on the CPU the step's
+    peak above that comes from the profiler, as for one GPU (:func:`kolora_probe.memory_measure.measure_callable`)."""
+    import gc
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .memory_measure import measure_callable, resident_bytes
+    from .memory_trace import build_step_model, make_optimizer
+    from .meta_model import autocast_for
+
+    cuda = device.startswith("cuda")
+    model = build_step_model(config, shape, device)
+    ddp = DDP(model, device_ids=[torch.device(device).index or 0] if cuda else None)
+    opt = make_optimizer(model, shape, cuda=cuda, traced=False)
+    vocab = int(getattr(model.config, "vocab_size", 100))
+    ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len), device=device)
+    autocast = autocast_for(device, shape.dtype)
+
+    def step() -> None:
+        with autocast:
+            loss = ddp(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+
+    step()   # warm-up
+    gc.collect()
+    buckets = sum(b.buffer().numel() * b.buffer().element_size() for b in ddp.reducer._get_zeros_like_grad_buckets())
+    return measure_callable(step, device, baseline=lambda: resident_bytes(model, opt, ids) + buckets)

@@ -55,6 +55,8 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--world-size", "distributed.world_size", int, "ranks in all (overrides [distributed].world_size)"),
     PlanOption("--distributed-config", "distributed.config", str,
                "accelerate config YAML or DeepSpeed JSON (overrides [distributed].config)"),
+    PlanOption("--rendezvous-timeout", "distributed.rendezvous_timeout_s", float,
+               "seconds the launch pre-flight waits for every rank (overrides [distributed].rendezvous_timeout_s)"),
 )
 
 
