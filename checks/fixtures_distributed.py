@@ -27,14 +27,21 @@ def distributed_plan(plan_errors, request):
 
 @pytest.fixture(scope="session")
 def launch_preflight(distributed_plan, plan_errors):
-    from kolora_probe.distributed_preflight import run_preflight, shutdown
+    from kolora_probe.distributed_preflight import run_preflight
 
     if distributed_plan is None:
         plan_dict, timeout = {"invalid_plan": list(plan_errors)}, 60.0
     else:
         plan_dict, timeout = distributed_plan.to_dict(), distributed_plan.distributed.rendezvous_timeout_s
-    result = run_preflight(plan_dict, timeout)
-    yield result
+    return run_preflight(plan_dict, timeout)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After rank 0 has written its reports, every rank leaves together: a launcher stops the whole job as soon
+    as one rank exits non-zero, which would otherwise kill rank 0 before its reports are written."""
+    from kolora_probe.distributed_preflight import shutdown
+
     shutdown()
 
 

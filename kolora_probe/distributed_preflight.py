@@ -334,7 +334,16 @@ def run_preflight(plan_dict: Mapping[str, Any], timeout_s: float = 60.0, environ
 
 
 def shutdown() -> None:
+    """A last barrier (every rank waits for the others, e.g. for rank 0 writing reports), then leave."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank already gone: leave anyway
+            pass
         dist.destroy_process_group()
