@@ -1,7 +1,7 @@
 """One real DDP LoRA step per rank, measured, beside the per-rank prediction (CPU semantics on the CPU).
 
     torchrun --standalone --nproc-per-node 2 benchmarks/distributed_step.py --model=DIR [--targets q_proj,v_proj]
-        [--batch-size 2 --seq-len 32 --r 8] [--output FILE]
+        [--batch-size 2 --seq-len 32 --lora-r 8] [--output FILE]
 
 Rank 0 prints (and writes to --output) JSON: per rank the measured peak and the prediction
 (:func:`kolora_probe.memory_distributed.rank_estimate`, strategy ddp, on a CPU-semantics trace).
@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=32)
-    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--output")
     a = ap.parse_args(argv)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     _, config = resolve_config(a.model, "main")
-    shape = StepShape(batch_size=a.batch_size, seq_len=a.seq_len, targets=tuple(a.targets.split(",")), r=a.r,
-                      alpha=2.0 * a.r, lora_dropout=0.0)
+    shape = StepShape(batch_size=a.batch_size, seq_len=a.seq_len, targets=tuple(a.targets.split(",")), r=a.lora_r,
+                      alpha=2.0 * a.lora_r, lora_dropout=0.0)
     m = measure_ddp_step(config, shape, "cpu")
     rows: list = [None] * world
     dist.all_gather_object(rows, {"rank": rank, "measured_bytes": m.peak_allocated_bytes,
