@@ -40,6 +40,7 @@ pytest_plugins = [
     "checks.fixtures_memory",
     "checks.fixtures_monitor",
     "checks.fixtures_structure",
+    "checks.fixtures_distributed",
 ]
 
 ROOT = Path(__file__).resolve().parent
@@ -65,6 +66,7 @@ FAMILY_OF = {  # check module → requirement family shown in the summary
     "test_plan": "plan", "test_plan_feasibility": "plan", "test_environment": "environment", "test_gpu": "gpu",
     "test_model": "model", "test_tokenizer": "tokenizer", "test_structure": "structure", "test_lora": "lora",
     "test_memory_budget": "memory", "test_benchmarks": "benchmarks", "test_monitor": "monitor",
+    "test_distributed": "distributed",
 }
 
 
@@ -128,7 +130,8 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[ACTIVE_KEY] = active = _suite_active(config)
+    # under torchrun / accelerate launch only rank 0 writes the reports
+    config.stash[ACTIVE_KEY] = active = _suite_active(config) and os.environ.get("RANK", "0") == "0"
     config.stash[RESULTS_KEY] = {}
     config.stash[STARTED_KEY] = time.time()
     config.stash[PROBLEMS_KEY] = []
@@ -215,12 +218,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without ``-m``, run the CPU gate only: deselect gpu and benchmark checks."""
+    """Without ``-m``, run the CPU gate only: deselect gpu, benchmark and distributed checks."""
     if config.getoption("markexpr"):
         return
     keep, drop = [], []
     for item in items:
-        (drop if item.get_closest_marker("gpu") or item.get_closest_marker("benchmark") else keep).append(item)
+        (drop if any(item.get_closest_marker(m) for m in ("gpu", "benchmark", "distributed")) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -455,7 +458,7 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     stem = Path(str(item.path)).stem
     entry = results.setdefault(item.nodeid, {
         "nodeid": item.nodeid, "family": FAMILY_OF.get(stem, stem),
-        "markers": sorted({m.name for m in item.iter_markers()} & {"gpu", "cpu", "slow", "benchmark"}),
+        "markers": sorted({m.name for m in item.iter_markers()} & {"gpu", "cpu", "slow", "benchmark", "distributed"}),
         "outcome": "passed", "duration_s": 0.0, "message": "", "evidence": []})
     entry["duration_s"] = round(entry["duration_s"] + report.duration, 4)
     if report.failed:
@@ -507,7 +510,7 @@ def _run_document(config: pytest.Config, exitstatus: int | None) -> dict[str, An
         overrides={names[k]: v for k, v in values.items()},
         checks=list(config.stash.get(RESULTS_KEY, {}).values()),
         exitstatus=exitstatus, started=config.stash.get(STARTED_KEY, time.time()),
-        markexpr=config.getoption("markexpr") or "(default: not gpu and not benchmark)",
+        markexpr=config.getoption("markexpr") or "(default: not gpu and not benchmark and not distributed)",
         interrupt_reason=config.stash.get(INTERRUPT_KEY, None), problems=config.stash.get(PROBLEMS_KEY, []))
 
 

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
     for note in plan.notes:
         print(f"kolora-probe estimate: plan note: {note}", file=sys.stderr)
+    if plan.distributed.strategy != "none" or plan.distributed.config:
+        from .cli_estimate_distributed import run_distributed   # per-rank memory (DDP, FSDP2, ZeRO)
+
+        return run_distributed(args, plan)
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)

@@ -21,6 +21,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 BIASES = ("none", "all", "lora_only")
+STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
 
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent.parent / "plans" / "kogpt2-lora.toml"
 
@@ -106,6 +107,19 @@ class ChecksSpec:
 
 
 @dataclass(frozen=True)
+class DistributedSpec:
+    strategy: str = "none"           # none (one GPU) | ddp | fsdp (FSDP2 fully_shard) | zero2 | zero3 (DeepSpeed)
+    world_size: int = 1              # ranks in all (GPUs); the per-rank batch is [training].batch_size
+    nodes: int = 1
+    reshard_after_forward: bool = True   # FSDP: free the gathered weights after each block's forward
+    cpu_offload: bool = False        # FSDP: sharded parameters, gradients and optimizer states on the CPU
+    offload_optimizer: bool = False  # ZeRO: optimizer states (and fp32 master weights) on the CPU
+    offload_params: bool = False     # ZeRO-3: parameters on the CPU
+    config: str | None = None        # an accelerate config YAML or a DeepSpeed JSON (its values fill unset keys)
+    rendezvous_timeout_s: float = 60.0   # launch pre-flight: a rendezvous that does not complete fails after this
+
+
+@dataclass(frozen=True)
 class Plan:
     model: ModelSpec
     lora: LoraSpec
@@ -116,6 +130,7 @@ class Plan:
     origins: Mapping[str, str] = field(default_factory=dict)  # "table.key" -> file key, CLI option or default
     notes: tuple[str, ...] = ()      # what the user should know: settings of their config with no plan equivalent,
                                      # and what the overrides changed beyond the keys they set
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
     @property
     def budget_bytes(self) -> int:
@@ -205,6 +220,18 @@ SCHEMA: dict[str, dict[str, tuple[Validator, str]]] = {
         "max_loss_fraction": ((lambda v: _is_num(v) and 0 < v <= 1), "a number in (0, 1]"),
         "korean_sample": ((lambda v: isinstance(v, str) and bool(v.strip())), "a path to a UTF-8 text file"),
     },
+    "distributed": {
+        "strategy": _choice(STRATEGIES),
+        "world_size": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1 (ranks in all)"),
+        "nodes": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
+        "reshard_after_forward": ((lambda v: isinstance(v, bool)), "true or false"),
+        "cpu_offload": ((lambda v: isinstance(v, bool)), "true or false"),
+        "offload_optimizer": ((lambda v: isinstance(v, bool)), "true or false"),
+        "offload_params": ((lambda v: isinstance(v, bool)), "true or false"),
+        "config": ((lambda v: isinstance(v, str) and bool(v.strip())),
+                   "a path to an accelerate config YAML or a DeepSpeed JSON"),
+        "rendezvous_timeout_s": ((lambda v: _is_num(v) and v > 0), "a number of seconds > 0"),
+    },
 }
 
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -213,10 +240,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "training": (),
     "budget": ("gpu_memory_gib",),
     "checks": (),
+    "distributed": (),
 }
 
 _SPEC_CLASSES = {"model": ModelSpec, "lora": LoraSpec, "training": TrainingSpec, "budget": BudgetSpec,
-                 "checks": ChecksSpec}
+                 "checks": ChecksSpec, "distributed": DistributedSpec}
 
 
 def _validate(data: Mapping[str, Any], where: str) -> list[str]:
@@ -255,6 +283,11 @@ def _cross_field(data: Mapping[str, Any], where: str) -> list[str]:
         errors.append(f"{where}: training.use_cache = true contradicts training.gradient_checkpointing = true (the "
                       f"KV cache is not kept when activations are recomputed; transformers turns it off); set "
                       f"[training].use_cache = false or turn gradient checkpointing off (--no-gradient-checkpointing)")
+    dist = data.get("distributed", {})
+    ws, nodes = dist.get("world_size", 1), dist.get("nodes", 1)
+    if _is_int(ws) and _is_int(nodes) and nodes >= 1 and ws % nodes:
+        errors.append(f"{where}: distributed.world_size = {ws} is not a multiple of distributed.nodes = {nodes}; "
+                      f"set world_size to nodes × GPUs per node")
     return errors
 
 

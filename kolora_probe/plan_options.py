@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .plan import DEFAULT_PLAN_PATH, DTYPES, OPTIMIZERS, QUANTIZATIONS, UNSET, Plan
+from .plan import DEFAULT_PLAN_PATH, DTYPES, OPTIMIZERS, QUANTIZATIONS, STRATEGIES, UNSET, Plan
 
 
 def _csv(value: str) -> list[str]:
@@ -59,6 +59,12 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--gradient-checkpointing", "training.gradient_checkpointing", None,
                "overrides [training].gradient_checkpointing", boolean=True),
     PlanOption("--budget-gib", "budget.gpu_memory_gib", float, "GPU memory budget in GiB (overrides [budget].gpu_memory_gib)"),
+    PlanOption("--strategy", "distributed.strategy", str, "multi-GPU strategy (overrides [distributed].strategy)", STRATEGIES),
+    PlanOption("--world-size", "distributed.world_size", int, "ranks in all (overrides [distributed].world_size)"),
+    PlanOption("--distributed-config", "distributed.config", str,
+               "accelerate config YAML or DeepSpeed JSON (overrides [distributed].config)"),
+    PlanOption("--rendezvous-timeout", "distributed.rendezvous_timeout_s", float,
+               "seconds the launch pre-flight waits for every rank (overrides [distributed].rendezvous_timeout_s)"),
 )
 
 
