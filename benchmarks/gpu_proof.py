@@ -184,7 +184,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     device = "cuda" if (not args.rehearse and torch.cuda.is_available()) else "cpu"
     doc = {"schema": SCHEMA, "mode": "rehearsal" if args.rehearse else "device", "device": args.device_name,
            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "budget_s": args.budget_s,
-           "semantics": "cpu" if args.rehearse else "cuda", "versions": None, "models": None, "steps": [],
+           "semantics": "cpu" if args.rehearse else "cuda",
+           "error_percent": "100 * (predicted_peak_bytes / measured_peak_bytes - 1): positive = over-predicted",
+           "measured": ("CPU profiler peak of one step after a warm-up step (memory_measure.measure_step)"
+                        if args.rehearse else "torch.cuda.max_memory_allocated() of one step after a warm-up "
+                        "step (memory_measure.measure_step)"),
+           "predicted": f"memory_trace.trace_step(cuda={not args.rehearse})", "versions": None, "models": None, "steps": [],
            "rows": [], "summary": None}
     doc["steps"].append({"name": "wheels", "rc": args.wheels_rc, "wall_s": args.wheels_s,
                          "wheels": args.wheels.split() if args.wheels else [],
@@ -383,7 +388,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     out = Path(args.json)
     doc = load(out)
     step: dict[str, Any] = {"name": args.step, "rc": args.rc, "wall_s": args.wall_s}
-    if args.rc in (124, 137):
+    if args.note:
+        step["note"] = args.note
+    elif args.rc in (124, 137):
         step["note"] = "stopped by its time limit"
     if args.reports:
         rep = Path(args.reports)
@@ -458,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rc", type=int, required=True)
     r.add_argument("--wall-s", type=float, required=True)
     r.add_argument("--reports", default=None)
+    r.add_argument("--note", default=None)
     f = sub.add_parser("finish", parents=[common])
     f.add_argument("--monitor", default=None)
     f.add_argument("--wall-s", type=float, required=True)

@@ -62,9 +62,11 @@ say() { echo "[gpu-proof $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*";
 left() { echo $((DEADLINE - $(date +%s))); }
 
 if [ $REHEARSE = 1 ]; then DEVICE=cpu-rehearsal
-elif command -v nvidia-smi >/dev/null 2>&1 && NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) && [ -n "$NAME" ]; then
-  DEVICE=$(echo "$NAME" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
-else DEVICE=no-gpu; fi
+else
+  NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  [ -n "$NAME" ] || NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>/dev/null)
+  DEVICE=$(echo "${NAME:-no-gpu}" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+fi
 JSON=$OUT/gpu-$DEVICE.json
 say "mode $([ $REHEARSE = 1 ] && echo rehearsal || echo device), device $DEVICE, budget ${BUDGET_S}s, OUT=$OUT"
 
@@ -122,18 +124,23 @@ if [ $RC != 0 ] || [ ! -f "$WORK/kogpt2/config.json" ]; then
   [ -f "$JSON" ] && helper record --step prepare --rc "$RC" --wall-s $(( $(date +%s) - T ))
 fi
 MODEL=$WORK/kogpt2
-PLAN_OPT=${GPU_PROOF_PLAN:+--plan=$GPU_PROOF_PLAN}
+PLAN_OPTS=(${GPU_PROOF_PLAN:+"--plan=$GPU_PROOF_PLAN"})
+# the rehearsal's tiny model has 128 positions: the plan's 8 x 512 batch shrinks with it
+[ $REHEARSE = 1 ] && PLAN_OPTS+=(--batch-size=2 --seq-len=64)
 
 # run_pytest NAME MARKER MAX_S RESERVE_S: pytest with the three reports, stopped by SIGINT (reports still written)
 run_pytest() {
   local name=$1 marker=$2 max=$3 reserve=$4 t rc limit
   limit=$(( $(left) - reserve )); [ $limit -gt $max ] && limit=$max
-  if [ $limit -lt 20 ]; then say "$name: not run ($(left) s left)"; helper record --step "$name" --rc 124 --wall-s 0; return; fi
+  if [ $limit -lt 20 ]; then
+    say "$name: not run ($(left) s left)"
+    helper record --step "$name" --rc 124 --wall-s 0 --note "not run: $(left) s left in the time budget"; return
+  fi
   say "pytest -m $marker (limit ${limit}s)"
   t=$(date +%s)
   mkdir -p "$WORK/reports-$name"
   (cd "$ROOT" && timeout -s INT -k 20 "$limit" "$PY" -m pytest -m "$marker" -p no:cacheprovider -q -rfE \
-     "--model=$MODEL" $PLAN_OPT "--reports-dir=$WORK/reports-$name" \
+     "--model=$MODEL" "${PLAN_OPTS[@]}" "--reports-dir=$WORK/reports-$name" \
      "--benchmark-json=$WORK/reports-$name/pytest-benchmark.json")
   rc=$?
   helper record --step "$name" --rc $rc --wall-s $(( $(date +%s) - t )) --reports "$WORK/reports-$name"
