@@ -189,8 +189,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
            "measured": ("CPU profiler peak of one step after a warm-up step (memory_measure.measure_step)"
                         if args.rehearse else "torch.cuda.max_memory_allocated() of one step after a warm-up "
                         "step (memory_measure.measure_step)"),
-           "predicted": f"memory_trace.trace_step(cuda={not args.rehearse})", "versions": None, "models": None, "steps": [],
-           "rows": [], "summary": None}
+           "predicted": f"memory_trace.trace_step(cuda={not args.rehearse})", "versions": None, "models": None,
+           "steps": [], "rows": [], "summary": None}
     doc["steps"].append({"name": "wheels", "rc": args.wheels_rc, "wall_s": args.wheels_s,
                          "wheels": args.wheels.split() if args.wheels else [],
                          **({} if args.wheels else {"note": "no carried wheels: the installed packages were used"})})
@@ -279,8 +279,8 @@ def time_steps(config: Any, shape: Any, device: str, steps: int) -> dict[str, An
     except Exception as exc:  # noqa: BLE001 - one row's failure is a result; the grid goes on
         from kolora_probe.memory_measure import is_oom
 
-        return {"throughput_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}",
-                "throughput_oom": is_oom(exc)}
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return {"throughput_error": f"{type(exc).__name__}: {first}", "throughput_oom": is_oom(exc)}
     finally:
         holder.clear()
         release_memory(device)

@@ -61,7 +61,8 @@ def test_rehearsal_writes_the_device_json(rehearsal):
         cfg = AutoConfig.for_model(**doc["models"][name]["config"])
         model = AutoModelForCausalLM.from_config(cfg)
         assert doc["models"][name]["parameters"] == sum(p.numel() for p in model.parameters()), name
-    assert [s["name"] for s in doc["steps"]] == ["wheels", "prepare", "grid"] and all(s["rc"] == 0 for s in doc["steps"])
+    assert [s["name"] for s in doc["steps"]] == ["wheels", "prepare", "grid"]
+    assert all(s["rc"] == 0 for s in doc["steps"])
     assert doc["steps"][0]["wheels"] == [] and "no carried wheels" in doc["steps"][0]["note"]
 
 
