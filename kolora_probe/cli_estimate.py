@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from . import strict_json
 from .cli_analyze import fail, table
@@ -35,8 +34,6 @@ def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
     plan = plan_from_namespace(args)   # PlanError → cli.py prints one line per problem, exit 2
-    for note in plan.notes:
-        print(f"kolora-probe estimate: plan note: {note}", file=sys.stderr)
     if plan.distributed.strategy != "none" or plan.distributed.config:
         from .cli_estimate_distributed import run_distributed   # per-rank memory (DDP, FSDP2, ZeRO)
 
@@ -63,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     doc["model"] = {"id": plan.model.id, "revision": plan.model.revision, "source": source.kind,
                     "path": str(source.path)}
     doc["plan"] = plan.source
+    doc["plan_notes"] = list(plan.notes)
     if args.json:
         print(strict_json.dumps(doc, indent=2, ensure_ascii=False))
         return 0 if v.fits else 1
@@ -99,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"largest sequence length that fits at batch {e.shape.batch_size}: {approx}{v.max_seq_len}{lim}")
     if v.traces:
         print(f"searches: {v.traces} more traces, {v.search_s:.1f} s")
+    for note in plan.notes:
+        print(f"plan note: {note}")
     if not v.fits:
         print(v.message())
     return 0 if v.fits else 1

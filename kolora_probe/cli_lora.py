@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from . import strict_json
 from .cli_analyze import fail, grouped_rows, layer_table, table, tensor_groups
@@ -41,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from .plan_options import plan_from_namespace
 
     plan = plan_from_namespace(args, budget_required=False)   # PlanError → cli.py: one line per problem, exit 2
-    for note in plan.notes:
-        print(f"kolora-probe lora: plan note: {note}", file=sys.stderr)
     from .model_source import resolve_config
 
     source, config = resolve_config(plan.model.id, plan.model.revision)  # errors: one line, exit 2 (cli.py)

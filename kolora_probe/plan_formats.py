@@ -643,6 +643,7 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
             continue
         data[table][key] = value
         origins[dotted] = f"command line: {name}"
+    unset_budget = False
     if "gpu_memory_gib" not in data["budget"]:
         gib, why = (budget_from_device or device_budget)()
         if gib is not None:
@@ -651,8 +652,9 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
         elif budget_required:
             errors.append(f"{source}: no GPU memory budget: set [budget].gpu_memory_gib or pass --budget-gib N "
                           f"(no GPU to take it from: {why})")
-        else:
-            data["budget"]["gpu_memory_gib"] = math.inf
+        else:  # validated with a stand-in, set to inf (no budget) once the plan is built
+            data["budget"]["gpu_memory_gib"] = 1.0
+            unset_budget = True
             origins["budget.gpu_memory_gib"] = f"not set: pass --budget-gib N (no GPU to take it from: {why})"
     if foreign and not any(r.errors for r in readings):   # a file the reader refused: that line says enough
         for table, keys in REQUIRED.items():
@@ -666,6 +668,8 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
     if errors:
         raise PlanError(errors)
     plan = plan_from_dict({t: s for t, s in data.items() if s or t in REQUIRED and REQUIRED[t]}, source)
+    if unset_budget:
+        plan = dataclasses.replace(plan, budget=dataclasses.replace(plan.budget, gpu_memory_gib=math.inf))
     return dataclasses.replace(plan, source=source + (" + command-line overrides" if overrides else ""),
                                origins=origins, notes=tuple(notes))
 

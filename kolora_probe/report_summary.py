@@ -137,8 +137,14 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
     if pred or meas:
         budget = int(plan["budget"]["gpu_memory_gib"] * 2**30) if plan else None
         mem = [("Predicted peak", human(pred["actual"], "bytes") if pred else "—"),
-               ("Measured peak (GPU)", human(meas["actual"], "bytes") if meas else "not measured (run -m gpu)"),
-               ("Budget", human(budget, "bytes"))]
+               ("Measured peak (GPU)", human(meas["actual"], "bytes") if meas else "not measured (run -m gpu)")]
+        for name, label in (("allocator_overhead_bytes", "+ allocator overhead (predicted)"),
+                            ("cuda_context_bytes", "+ CUDA context"),
+                            ("card_required_bytes", "= the card needs (decides the verdict)")):
+            ev = _find(doc, name)
+            if ev:
+                mem.append((label, human(ev["actual"], "bytes")))
+        mem.append(("Budget", human(budget, "bytes")))
         for name, label in (("max_batch_size", "Largest batch size that fits"),
                             ("max_seq_len", "Largest sequence length that fits")):
             ev = _find(doc, name)

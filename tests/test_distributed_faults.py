@@ -19,11 +19,13 @@ def model_dir(tmp_path_factory):
 
 
 def test_rank_with_another_version_fails_naming_it(model_dir, tmp_path):
-    # rank 1 only sees a kolora-probe 0.0.0 distribution first on its path (the wrapper sets it for LOCAL_RANK 1)
+    # rank 1 only sees a peft 0.0.0 distribution first on its path (the wrapper sets it for LOCAL_RANK 1); not
+    # kolora-probe itself: an editable install's kolora_probe.egg-info in the rootdir, which pytest puts first on
+    # sys.path, would shadow it
     fake = tmp_path / "fake"
-    (fake / "kolora_probe-0.0.0.dist-info").mkdir(parents=True)
-    (fake / "kolora_probe-0.0.0.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: kolora-probe\nVersion: 0.0.0\n", encoding="utf-8")
+    (fake / "peft-0.0.0.dist-info").mkdir(parents=True)
+    (fake / "peft-0.0.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: peft\nVersion: 0.0.0\n", encoding="utf-8")
     wrapper = tmp_path / "rank_wrapper.sh"
     wrapper.write_text(f'#!/bin/sh\nif [ "$LOCAL_RANK" = "1" ]; then export PYTHONPATH="{fake}:$PYTHONPATH"; fi\n'
                        f'exec "{sys.executable}" "$@"\n', encoding="utf-8")
@@ -37,7 +39,7 @@ def test_rank_with_another_version_fails_naming_it(model_dir, tmp_path):
     failed = {n.split("::")[1]: o for n, o in run.outcomes().items() if o != "passed"}
     assert list(failed) == ["test_same_versions_on_every_rank"], run.output[-2000:]
     msg = run.outcome("test_same_versions_on_every_rank")["message"]
-    assert "rank 1" in msg and "kolora-probe 0.0.0" in msg and "rank 0" not in msg
+    assert "rank 1" in msg and "peft 0.0.0" in msg and "rank 0" not in msg
 
 
 def _lone_rank(rank: int, model_dir, reports, timeout_s: float) -> tuple[subprocess.CompletedProcess, float]:

@@ -95,7 +95,7 @@ def test_budget_check_fails_and_names_largest_batch(ko_dir, tmp_path):
     assert ev["predicted_peak_bytes"]["expected"] == int(2.0 * GIB)
     assert ev["predicted_peak_bytes"]["actual"] > 2.0 * GIB
     assert ev["max_batch_size"]["actual"] == int(m.group(1))
-    assert "Peak memory" in run.html and "memory breakdown" in run.html
+    assert "Predicted peak" in run.html and "memory breakdown" in run.html
 
     run = run_suite("checks/test_memory_budget.py", "--model", str(ko_dir), "--budget-gib", "0.01",
                     reports=tmp_path / "tiny")

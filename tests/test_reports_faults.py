@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from suite_runner import ROOT, SuiteRun, documented, run_suite
+from suite_runner import ROOT, TINY_SEQ, SuiteRun, documented, run_suite
 
 TINY_LM_HEAD_R16 = 16 * (64 + 1600)  # LoRA r=16 on lm_head of the tiny model (n_embd 64, vocab 1600)
 MASK = "***REDACTED***"
@@ -31,7 +31,7 @@ def _all_reports(run: SuiteRun) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def budget_run(model_zoo, tmp_path_factory) -> SuiteRun:
     return run_suite("checks", f"--model={model_zoo.tiny}", f"--expected-trainable={TINY_LM_HEAD_R16}",
-                     "--budget-gib=0.03", reports=tmp_path_factory.mktemp("budget"))
+                     "--budget-gib=0.03", TINY_SEQ, reports=tmp_path_factory.mktemp("budget"))
 
 
 def test_failing_budget_check_is_one_line_without_assertion_rewriting(budget_run):

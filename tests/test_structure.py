@@ -221,7 +221,7 @@ def test_checks_pass_on_config_only_kogpt2(ko_dir, tmp_path):
     pct = {e["name"]: e for e in run.outcome("test_trainable_percent")["evidence"]}["trainable_percent"]
     assert round(pct["actual"], 2) == 0.66
     html = run.html
-    assert "831,488 (expected 831488), 0.6599 %" in html                # the summary row
+    assert "831,488 (expected 831,488), 0.6599 % of all parameters" in html   # the summary row
     assert "module table" in html and "transformer.h.11.mlp.c_proj" in html
     assert "LoRA findings" in html and "tied_target" in html
 
