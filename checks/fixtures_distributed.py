@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from checks.failures import fail_check
+from kolora_probe_checks.failures import fail_check
 
 
 @pytest.fixture(scope="session")

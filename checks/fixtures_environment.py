@@ -2,17 +2,32 @@
 libraries imported once, and the requirements file's packages."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from kolora_probe.environment import EnvironmentFacts, LibraryImport, collect_environment, import_libraries
-from kolora_probe.requirements_check import RequirementsFileError, check_requirements
+from kolora_probe.requirements_check import RequirementsFileError, check_requirements, write_declared_requirements
+
+DECLARED_KEY = pytest.StashKey[Path]()
 
 
 def requirements_path(config: pytest.Config) -> Path:
+    """``--requirements``, else the project's requirements.txt (rootdir), else kolora-probe's declared ones."""
     given = config.getoption("requirements_file")
-    return Path(given).resolve() if given else Path(str(config.rootpath)) / "requirements.txt"
+    if given:
+        return Path(given).resolve()
+    local = Path(str(config.rootpath)) / "requirements.txt"
+    if local.is_file():
+        return local
+    if DECLARED_KEY not in config.stash:
+        try:
+            config.stash[DECLARED_KEY] = write_declared_requirements(
+                Path(tempfile.mkdtemp(prefix="kolora-probe-")) / "requirements.txt")
+        except RequirementsFileError:
+            return local  # reported by the checks as "requirements file not found"
+    return config.stash[DECLARED_KEY]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from checks.failures import fail_check
+from kolora_probe_checks.failures import fail_check
 
 
 @pytest.fixture(scope="session")

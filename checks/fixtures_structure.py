@@ -10,7 +10,7 @@ import html
 
 import pytest
 
-from checks.failures import fail_check
+from kolora_probe_checks.failures import fail_check
 
 
 @pytest.fixture(scope="session")

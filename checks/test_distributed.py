@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from checks.failures import fail_check
-from checks.fixtures_distributed import need
-from checks.fixtures_structure import html_table
+from kolora_probe_checks.failures import fail_check
+from kolora_probe_checks.fixtures_distributed import need
+from kolora_probe_checks.fixtures_structure import html_table
 
 pytestmark = pytest.mark.distributed
 GB = 1e9

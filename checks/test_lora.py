@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from checks.fixtures_structure import html_table
+from kolora_probe_checks.fixtures_structure import html_table
 
 pytestmark = pytest.mark.cpu
 

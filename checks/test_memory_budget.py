@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from checks.fixtures_structure import html_table
+from kolora_probe_checks.fixtures_structure import html_table
 
 GIB = 2 ** 30
 

@@ -1,7 +1,7 @@
 """Structure of the plan's model (config only): adaptable layers by role, tied parameters counted once."""
 import pytest
 
-from checks.fixtures_structure import html_table
+from kolora_probe_checks.fixtures_structure import html_table
 
 pytestmark = pytest.mark.cpu
 

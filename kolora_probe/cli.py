@@ -12,7 +12,7 @@ import sys
 from .model_source import ModelConfigError, ModelNotFound, RemoteCodeRefused
 from .plan import PlanError
 
-SUBCOMMANDS = ("env", "analyze", "lora", "estimate", "monitor", "plan")
+SUBCOMMANDS = ("check", "env", "analyze", "lora", "estimate", "monitor", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"kolora_probe.cli_{name}":
                 raise
             continue
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           add_help=not getattr(module, "PASS_THROUGH", False))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "check":  # every argument is pytest's (with the plugin's options)
+        args.pytest_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = int(args._run(args) or 0)
         _hub_note(args.command)

@@ -23,7 +23,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 BIASES = ("none", "all", "lora_only")
 STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
 
-DEFAULT_PLAN_PATH = Path(__file__).resolve().parent.parent / "plans" / "kogpt2-lora.toml"
+DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "data" / "plans" / "kogpt2-lora.toml"  # plans/ in the repo
 
 # Upper bounds of the numbers a plan may hold: far above any real run, low enough that nothing downstream
 # overflows or tries to allocate for them (every bound is checked in tests/test_plan.py).

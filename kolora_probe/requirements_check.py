@@ -131,3 +131,18 @@ def check_dependency_graph(path: str | Path) -> list[RequirementStatus]:
             edges.append(requirement_status(dep, 0, parent))
             queue.append((dep.name, set(dep.extras)))
     return edges
+
+
+def write_declared_requirements(path: str | Path, distribution: str = "kolora-probe") -> Path:
+    """Write the installed ``distribution``'s own requirements (its ``Requires-Dist`` without extras) to ``path``:
+    what the environment checks verify where no requirements.txt is at hand (kolora-probe installed from a wheel)."""
+    p = Path(path)
+    try:
+        declared = metadata.requires(distribution) or []
+    except metadata.PackageNotFoundError:
+        raise RequirementsFileError(f"{distribution} is not installed as a distribution, so it has no declared "
+                                    f"requirements; pass a requirements file with --requirements") from None
+    lines = [r for r in declared if "extra ==" not in r]
+    p.write_text(f"# {distribution}'s declared requirements (installed metadata)\n" + "\n".join(lines) + "\n",
+                 encoding="utf-8")
+    return p

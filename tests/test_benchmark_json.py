@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from checks.fixtures_monitor import _LazyJsonFile
+from kolora_probe_checks.fixtures_monitor import _LazyJsonFile
 
 
 def _save_json_before_5_3(session, output_json) -> None:  # pytest-benchmark 5.1/5.2 SessionBenchmark.save_json
@@ -35,7 +35,7 @@ def _strict(text: str):
 
 def test_reports_json_is_strict_even_for_non_finite_numbers(tmp_path):
     """A NaN/inf measurement is written as "nan"/"inf", never as the bare NaN/Infinity tokens (not JSON)."""
-    from checks.fixtures_monitor import BenchmarkResults
+    from kolora_probe_checks.fixtures_monitor import BenchmarkResults
     from kolora_probe import strict_json
 
     doc = {"loss": float("nan"), "rows": [1.5, float("inf"), (float("-inf"),)], "n": 3}

@@ -233,7 +233,7 @@ def test_each_selection_has_its_own_reports_folder_and_latest_points_at_the_last
 
 # --- library pieces -------------------------------------------------------------------------------------------
 def test_failure_line_drops_assertion_rewriting():
-    from checks.failures import failure_line
+    from kolora_probe_checks.failures import failure_line
 
     assert failure_line(AssertionError("budget exceeded; fix: lower batch\nassert False\n +  where False = x")) == \
         "budget exceeded; fix: lower batch"
