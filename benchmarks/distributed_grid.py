@@ -24,7 +24,7 @@ def configs():
     from structure_configs import kogpt2_config
     from transformers import LlamaConfig
 
-    from kolora_probe.memory_trace import StepShape
+    from kolora_probe.memory.trace import StepShape
 
     llama7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -49,17 +49,17 @@ def deepspeed_all_cold(total: int, largest: int, n: int) -> dict[str, int]:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as z3
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as z2
     except Exception:  # noqa: BLE001 - deepspeed not installed: the same formulas, reproduced
-        from kolora_probe.memory_distributed import deepspeed_model_states_bytes as ours
+        from kolora_probe.memory.distributed import deepspeed_model_states_bytes as ours
 
         return {"zero2": ours("zero2", total, n), "zero3": ours("zero3", total, n, largest)}
     return {"zero2": z2(total, n, 1, cpu_offload=False)[1], "zero3": z3(total, largest, n, 1, False, False)[1]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kolora_probe.memory_budget import estimate
-    from kolora_probe.memory_distributed import param_facts, rank_estimate
-    from kolora_probe.meta_model import build_meta_model
-    from kolora_probe.plan import DistributedSpec
+    from kolora_probe.memory.budget import estimate
+    from kolora_probe.memory.distributed import param_facts, rank_estimate
+    from kolora_probe.model.meta import build_meta_model
+    from kolora_probe.plan.schema import DistributedSpec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--only")

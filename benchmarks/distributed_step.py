@@ -4,7 +4,7 @@
         [--batch-size 2 --seq-len 32 --lora-r 8] [--output FILE]
 
 Rank 0 prints (and writes to --output) JSON: per rank the measured peak and the prediction
-(:func:`kolora_probe.memory_distributed.rank_estimate`, strategy ddp, on a CPU-semantics trace).
+(:func:`kolora_probe.memory.distributed.rank_estimate`, strategy ddp, on a CPU-semantics trace).
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from kolora_probe.memory_distributed import measure_ddp_step, rank_estimate
-    from kolora_probe.memory_trace import StepShape, trace_step
-    from kolora_probe.model_source import resolve_config
-    from kolora_probe.plan import DistributedSpec
+    from kolora_probe.memory.distributed import measure_ddp_step, rank_estimate
+    from kolora_probe.memory.trace import StepShape, trace_step
+    from kolora_probe.model.source import resolve_config
+    from kolora_probe.plan.schema import DistributedSpec
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)

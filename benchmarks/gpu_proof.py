@@ -3,14 +3,14 @@
 Subcommands (each reads/writes one JSON document, rewritten atomically after every change, so a run that is cut
 short keeps what it has):
 
-* ``prepare`` – versions (:func:`kolora_probe.environment.collect_environment`, the requirements' status and where
+* ``prepare`` – versions (:func:`kolora_probe.env.facts.collect_environment`, the requirements' status and where
   the carried packages were imported from), then the two models from config with random weights, no hub: a
   KoGPT-2-shaped ``GPT2LMHeadModel`` saved with ``save_pretrained`` plus a KoGPT-2-like ``tokenizer.json`` (the
   directory ``pytest -m gpu`` / ``-m benchmark`` load with ``--model=DIR``), and a LLaMA-style config
   (Llama-3.2-1B shapes, 1.24 B parameters) that the grid builds on the device.
-* ``grid`` – the memory + throughput grid: per row the predicted peak (:func:`kolora_probe.memory_trace.trace_step`),
-  the measured peak (:func:`kolora_probe.memory_measure.measure_step`) and tokens/s + MFU of a few timed steps
-  (:mod:`kolora_probe.throughput`). Each row checks the time left before it starts.
+* ``grid`` – the memory + throughput grid: per row the predicted peak (:func:`kolora_probe.memory.trace.trace_step`),
+  the measured peak (:func:`kolora_probe.memory.measure.measure_step`) and tokens/s + MFU of a few timed steps
+  (:mod:`kolora_probe.memory.throughput`). Each row checks the time left before it starts.
 * ``record`` – one orchestration step's outcome (exit code, wall time, the JUnit counts of a pytest run).
 * ``finish`` – summary (rows, median/max |error|, wall time), the monitor's peaks; prints a short table.
 
@@ -116,7 +116,7 @@ def build_models(work: Path, rehearse: bool, device: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kolora_probe.meta_model import build_meta_model, count_parameters
+    from kolora_probe.model.meta import build_meta_model, count_parameters
     from tests.model_factory import KOGPT2_SPECIALS, sample_lines, train_kogpt2_like_tokenizer
 
     t0 = time.perf_counter()
@@ -147,9 +147,9 @@ def versions() -> dict[str, Any]:
     """The machine's facts, the requirements' status and where the key packages were imported from."""
     import importlib
 
-    from kolora_probe.environment import collect_environment
-    from kolora_probe.redact import redact
-    from kolora_probe.requirements_check import check_requirements
+    from kolora_probe.env.facts import collect_environment
+    from kolora_probe.report.redact import redact
+    from kolora_probe.env.requirements import check_requirements
 
     facts = collect_environment()
     t = facts.torch
@@ -217,7 +217,7 @@ def grid_shapes(rehearse: bool, select: str | None = None) -> list[tuple[str, st
     (all by default); rehearsal: batch ÷4 and sequence ÷16 (tiny models)."""
     import re
 
-    from kolora_probe.memory_trace import StepShape
+    from kolora_probe.memory.trace import StepShape
 
     rows = []
     for model, name, kw in GRID:
@@ -237,9 +237,9 @@ def time_steps(config: Any, shape: Any, device: str, steps: int) -> dict[str, An
     """tokens/s and MFU of ``steps`` timed training steps (after one warm-up) of the row's model on ``device``."""
     import torch
 
-    from kolora_probe.memory_measure import _build_4bit_cuda, release_memory
-    from kolora_probe.memory_trace import build_step_model, make_optimizer
-    from kolora_probe.throughput import (backward_scope, matmul_params, peak_tflops, shape_from_config,
+    from kolora_probe.memory.measure import _build_4bit_cuda, release_memory
+    from kolora_probe.memory.trace import build_step_model, make_optimizer
+    from kolora_probe.memory.throughput import (backward_scope, matmul_params, peak_tflops, shape_from_config,
                                          throughput_from_seconds, train_step, training_flops_per_token)
 
     cuda = device.startswith("cuda")
@@ -277,7 +277,7 @@ def time_steps(config: Any, shape: Any, device: str, steps: int) -> dict[str, An
                 **({} if peak or not cuda else {"throughput_note": "GPU not in PEAK_TFLOPS: no MFU"}),
                 **({} if cuda else {"throughput_note": "CPU: no peak TFLOP/s, no MFU"})}
     except Exception as exc:  # noqa: BLE001 - one row's failure is a result; the grid goes on
-        from kolora_probe.memory_measure import is_oom
+        from kolora_probe.memory.measure import is_oom
 
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         return {"throughput_error": f"{type(exc).__name__}: {first}", "throughput_oom": is_oom(exc)}
@@ -288,8 +288,8 @@ def time_steps(config: Any, shape: Any, device: str, steps: int) -> dict[str, An
 
 def run_row(model_name: str, name: str, config: Any, shape: Any, device: str, rehearse: bool,
             steps: int) -> dict[str, Any]:
-    from kolora_probe.memory_measure import measure_step
-    from kolora_probe.memory_trace import trace_step
+    from kolora_probe.memory.measure import measure_step
+    from kolora_probe.memory.trace import trace_step
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model": model_name, "config": name, "shape": shape.describe(),

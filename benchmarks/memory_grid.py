@@ -58,7 +58,7 @@ def accelerate_estimate(config, shape) -> int | None:
     from accelerate.commands.estimate import estimate_training_usage
     from accelerate.utils import calculate_maximum_sizes
 
-    from kolora_probe.meta_model import build_meta_model
+    from kolora_probe.model.meta import build_meta_model
 
     total, _ = calculate_maximum_sizes(build_meta_model(config, "fp32"))
     dtype = {"fp32": "float32", "fp16": "float16", "bf16": "float16"}[shape.weights_dtype]
@@ -80,9 +80,9 @@ def main() -> int:
 
     import torch
 
-    from kolora_probe.memory_closed_form import closed_form, model_facts
-    from kolora_probe.memory_measure import measure_step
-    from kolora_probe.memory_trace import StepShape, trace_step
+    from kolora_probe.memory.closed_form import closed_form, model_facts
+    from kolora_probe.memory.measure import measure_step
+    from kolora_probe.memory.trace import StepShape, trace_step
 
     cfg = kogpt2_config()
     rows = []

@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only rows whose name contains this")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from kolora_probe.memory_trace import StepShape, trace_step
+    from kolora_probe.memory.trace import StepShape, trace_step
 
     results = []
     for name, (factory, kw, published, source, settings) in ROWS.items():
@@ -78,7 +78,7 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         e = trace_step(factory(), StepShape(**kw))
-        from kolora_probe.memory_budget import cuda_context_bytes
+        from kolora_probe.memory.budget import cuda_context_bytes
 
         err = 100.0 * (e.predicted_peak_bytes - published) / published
         card = e.predicted_peak_bytes + e.allocator_overhead_bytes + cuda_context_bytes("2.4.1", "")

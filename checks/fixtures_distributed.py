@@ -1,7 +1,7 @@
 """Fixtures for the launch pre-flight (``-m distributed``; a pytest plugin listed in conftest.pytest_plugins).
 
 ``launch_preflight`` runs every collective once per session, in the same order on every rank
-(:func:`kolora_probe.distributed_preflight.run_preflight`); the checks only read its result, so a check failing on
+(:func:`kolora_probe.distributed.preflight.run_preflight`); the checks only read its result, so a check failing on
 one rank never leaves another waiting in a collective.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ def distributed_plan(plan_errors, request):
     """The plan with ``[distributed]`` completed from its accelerate / DeepSpeed config (None if invalid)."""
     if plan_errors:
         return None
-    from kolora_probe.distributed_config import resolve_distributed
-    from kolora_probe.plan import PlanError
+    from kolora_probe.distributed.config import resolve_distributed
+    from kolora_probe.plan.schema import PlanError
 
     try:
         return resolve_distributed(request.getfixturevalue("plan"))
@@ -27,7 +27,7 @@ def distributed_plan(plan_errors, request):
 
 @pytest.fixture(scope="session")
 def launch_preflight(distributed_plan, plan_errors):
-    from kolora_probe.distributed_preflight import run_preflight
+    from kolora_probe.distributed.preflight import run_preflight
 
     if distributed_plan is None:
         plan_dict, timeout = {"invalid_plan": list(plan_errors)}, 60.0
@@ -40,7 +40,7 @@ def launch_preflight(distributed_plan, plan_errors):
 def pytest_unconfigure(config):
     """After rank 0 has written its reports, every rank leaves together: a launcher stops the whole job as soon
     as one rank exits non-zero, which would otherwise kill rank 0 before its reports are written."""
-    from kolora_probe.distributed_preflight import shutdown
+    from kolora_probe.distributed.preflight import shutdown
 
     shutdown()
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kolora_probe.environment import EnvironmentFacts, LibraryImport, collect_environment, import_libraries
-from kolora_probe.requirements_check import RequirementsFileError, check_requirements, write_declared_requirements
+from kolora_probe.env.facts import EnvironmentFacts, LibraryImport, collect_environment, import_libraries
+from kolora_probe.env.requirements import RequirementsFileError, check_requirements, write_declared_requirements
 
 DECLARED_KEY = pytest.StashKey[Path]()
 

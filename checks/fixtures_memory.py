@@ -14,7 +14,7 @@ from kolora_probe_checks.failures import fail_check
 
 @pytest.fixture(scope="session")
 def memory_shape(plan):
-    from kolora_probe.memory_trace import StepShape
+    from kolora_probe.memory.trace import StepShape
 
     return StepShape.from_plan(plan)
 
@@ -22,8 +22,8 @@ def memory_shape(plan):
 @pytest.fixture(scope="session")
 def memory_verdict(plan, model_config, memory_shape, structure_report):
     """Predicted peak of the plan's step (trace), fit vs budget, largest batch / sequence length that fit."""
-    from kolora_probe.memory_budget import budget_verdict, check_targets
-    from kolora_probe.plan_feasibility import plan_model_problems
+    from kolora_probe.memory.budget import budget_verdict, check_targets
+    from kolora_probe.plan.feasibility import plan_model_problems
 
     infeasible = plan_model_problems(model_config, plan, plan.model.id)
     if infeasible:   # nothing is traced for a plan the model cannot run (test_plan_runs_on_the_model says why)
@@ -42,6 +42,6 @@ def memory_estimate(memory_verdict):
 @pytest.fixture(scope="session")
 def memory_measurement(cuda_device, model_config, memory_shape, memory_verdict):
     """One real step of the plan on the GPU (after a warm-up step); OOM is recorded in the result."""
-    from kolora_probe.memory_measure import measure_step
+    from kolora_probe.memory.measure import measure_step
 
     return measure_step(model_config, memory_shape, str(cuda_device))

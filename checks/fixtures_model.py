@@ -3,11 +3,11 @@
 Each expensive object is built once per session. When building fails (model not found, no weights, truncated
 or unsafe weights, no tokenizer …) every dependent check fails with the same one-line reason.
 
-* ``model_source`` – :class:`kolora_probe.model_source.ModelSource` for the plan's model.
-* ``loaded_model`` – :class:`kolora_probe.model_loading.LoadedModel` (weights loaded once; CPU, or the first CUDA
+* ``model_source`` – :class:`kolora_probe.model.source.ModelSource` for the plan's model.
+* ``loaded_model`` – :class:`kolora_probe.model.loading.LoadedModel` (weights loaded once; CPU, or the first CUDA
   device when the run selects ``gpu``/``benchmark`` checks and one is usable).
 * ``loaded_tokenizer`` / ``tokenizer`` – the plan's tokenizer class with the plan's special tokens
-  (:class:`~kolora_probe.tokenizer_loading.LoadedTokenizer` / the transformers tokenizer itself).
+  (:class:`~kolora_probe.tokenizer.loading.LoadedTokenizer` / the transformers tokenizer itself).
 * ``korean_sample`` / ``korean_texts`` – the Korean sample (plan ``[checks].korean_sample`` or the packaged one).
 * ``tokenizer_round_trip``, ``lm_agreement_result``, ``generation_result`` – the measurements, computed once.
 """
@@ -20,7 +20,7 @@ from kolora_probe_checks.failures import fail_check
 
 @pytest.fixture(scope="session")
 def model_source(plan):
-    from kolora_probe.model_source import ModelNotFound, resolve_model_source
+    from kolora_probe.model.source import ModelNotFound, resolve_model_source
 
     try:
         return resolve_model_source(plan.model.id, plan.model.revision)
@@ -32,14 +32,14 @@ def _device(config: pytest.Config) -> str:
     markexpr = config.getoption("markexpr") or ""
     if "gpu" not in markexpr and "benchmark" not in markexpr:
         return "cpu"
-    from kolora_probe.environment import cuda_unavailable_reason
+    from kolora_probe.env.facts import cuda_unavailable_reason
 
     return "cpu" if cuda_unavailable_reason() else "cuda"
 
 
 @pytest.fixture(scope="session")
 def loaded_model(plan, model_source, pytestconfig):
-    from kolora_probe.model_loading import ModelLoadError, load_model_from
+    from kolora_probe.model.loading import ModelLoadError, load_model_from
 
     try:
         loaded = load_model_from(model_source, dtype=plan.training.weights_dtype)
@@ -53,7 +53,7 @@ def loaded_model(plan, model_source, pytestconfig):
 
 @pytest.fixture(scope="session")
 def loaded_tokenizer(plan, model_source):
-    from kolora_probe.tokenizer_loading import TokenizerLoadError, load_tokenizer
+    from kolora_probe.tokenizer.loading import TokenizerLoadError, load_tokenizer
 
     try:
         return load_tokenizer(model_source, plan.model.tokenizer_class, plan.model.special_tokens)
@@ -68,7 +68,7 @@ def tokenizer(loaded_tokenizer):
 
 @pytest.fixture(scope="session")
 def korean_sample(plan):
-    from kolora_probe.korean_text import KoreanSampleError, load_korean_sample
+    from kolora_probe.tokenizer.korean_text import KoreanSampleError, load_korean_sample
 
     try:
         return load_korean_sample(plan.checks.korean_sample)
@@ -83,14 +83,14 @@ def korean_texts(korean_sample) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_round_trip(tokenizer, korean_texts):
-    from kolora_probe.tokenizer_checks import round_trip
+    from kolora_probe.tokenizer.checks import round_trip
 
     return round_trip(tokenizer, korean_texts)
 
 
 @pytest.fixture(scope="session")
 def lm_agreement_result(plan, loaded_model, tokenizer, korean_texts):
-    from kolora_probe.lm_agreement import AgreementError, lm_agreement
+    from kolora_probe.model.agreement import AgreementError, lm_agreement
 
     try:
         return lm_agreement(loaded_model.model, tokenizer, korean_texts, plan.checks.max_loss_fraction)
@@ -100,11 +100,11 @@ def lm_agreement_result(plan, loaded_model, tokenizer, korean_texts):
 
 @pytest.fixture(scope="session")
 def generation_result(loaded_model, tokenizer):
-    from kolora_probe.generation import greedy_generate
+    from kolora_probe.model.generation import greedy_generate
 
     try:
         return greedy_generate(loaded_model.model, tokenizer)
     except ValueError as exc:
-        from kolora_probe.tokenizer_checks import FIX
+        from kolora_probe.tokenizer.checks import FIX
 
         fail_check("generation could not start", ValueError(f"{exc}; fix: {FIX}"))

@@ -1,6 +1,6 @@
 """Fixtures for the monitor checks (a pytest plugin listed in conftest.pytest_plugins).
 
-* ``gpu_monitor``: runs :class:`kolora_probe.monitor.Monitor` in a background thread while a check runs (autouse
+* ``gpu_monitor``: runs :class:`kolora_probe.monitor.recorder.Monitor` in a background thread while a check runs (autouse
   for every ``gpu`` check, so model loading in set-up is covered too). Right after the check's body it stops,
   and the timeline PNG plus the peaks are attached to the report with ``evidence``. Logs go to
   ``reports/monitor/<check>/`` (``samples.jsonl``, ``summary.json``, ``timeline.png``).
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kolora_probe import strict_json
+from kolora_probe.report import strict_json
 
 MONITOR_KEY = pytest.StashKey[tuple]()
 DEFAULT_INTERVAL_S = 0.2
@@ -44,8 +44,8 @@ def _safe_name(nodeid: str) -> str:
 # --- monitor ------------------------------------------------------------------------------------------
 @pytest.fixture
 def gpu_monitor(request: pytest.FixtureRequest, evidence):
-    """A started :class:`~kolora_probe.monitor.Monitor` (None when ``--monitor-interval 0``)."""
-    from kolora_probe.monitor import Monitor
+    """A started :class:`~kolora_probe.monitor.recorder.Monitor` (None when ``--monitor-interval 0``)."""
+    from kolora_probe.monitor.recorder import Monitor
 
     interval = request.config.getoption("monitor_interval")
     if not interval or interval <= 0:

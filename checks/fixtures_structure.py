@@ -16,7 +16,7 @@ from kolora_probe_checks.failures import fail_check
 @pytest.fixture(scope="session")
 def model_config(model_source):
     """The plan's model config (``config.json`` from a local dir, the HF cache or the hub)."""
-    from kolora_probe.model_source import ModelConfigError, RemoteCodeRefused, load_config
+    from kolora_probe.model.source import ModelConfigError, RemoteCodeRefused, load_config
 
     try:
         return load_config(model_source)
@@ -29,8 +29,8 @@ def model_config(model_source):
 @pytest.fixture(scope="session")
 def structure_model(model_config):
     """The plan's model on the meta device with ties restored (do not modify: shared by the session)."""
-    from kolora_probe.meta_model import build_meta_model
-    from kolora_probe.model_source import ModelConfigError
+    from kolora_probe.model.meta import build_meta_model
+    from kolora_probe.model.source import ModelConfigError
 
     try:
         return build_meta_model(model_config)
@@ -40,7 +40,7 @@ def structure_model(model_config):
 
 @pytest.fixture(scope="session")
 def structure_report(structure_model):
-    from kolora_probe.structure import analyze_model
+    from kolora_probe.model.structure import analyze_model
 
     return analyze_model(structure_model)
 
@@ -48,7 +48,7 @@ def structure_report(structure_model):
 @pytest.fixture(scope="session")
 def lora_count(plan, structure_model, structure_report):
     """The plan's LoRA count: analytic and PEFT (on a fresh meta-device model), with findings."""
-    from kolora_probe.lora_count import TargetError, count_for_plan
+    from kolora_probe.lora.count import TargetError, count_for_plan
 
     try:
         return count_for_plan(plan, model=structure_model, report=structure_report)

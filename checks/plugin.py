@@ -13,7 +13,7 @@ pytest.ini and conftest.py, ``kolora-probe check``; see ``bootstrap.py``), never
   run's reports in that folder are removed at the start, so no older verdict is left behind.
 * A failing check is one line (message only; ``--tb`` given by the user wins); a check blocked by a broken input
   (plan, model, weights, tokenizer) says "blocked: … — see OWNER" and the owner carries the full explanation.
-* Everything printed to the terminal and written to the reports is redacted (kolora_probe.redact).
+* Everything printed to the terminal and written to the reports is redacted (kolora_probe.report.redact).
 * Check-specific fixtures live in ``checks/fixtures_*.py`` plugins listed in ``pytest_plugins``.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ import pytest
 
 from kolora_probe_checks.failures import fail_check, failure_line, is_check_failure, root_cause
 from kolora_probe import __version__, strict_json
-from kolora_probe.plan import Plan, PlanError
-from kolora_probe.plan_options import add_plan_options, overrides_from, plan_from_options
-from kolora_probe.redact import redact, redact_text, secret_values
+from kolora_probe.plan.schema import Plan, PlanError
+from kolora_probe.plan.options import add_plan_options, overrides_from, plan_from_options
+from kolora_probe.report.redact import redact, redact_text, secret_values
 
 pytest_plugins = [
     "kolora_probe_checks.fixtures_environment",
@@ -331,7 +331,7 @@ def evidence(request: pytest.FixtureRequest) -> Evidence:
 
 def _cuda_reason(config: pytest.Config) -> str | None:
     if CUDA_REASON_KEY not in config.stash:
-        from kolora_probe.environment import cuda_unavailable_reason
+        from kolora_probe.env.facts import cuda_unavailable_reason
 
         config.stash[CUDA_REASON_KEY] = cuda_unavailable_reason()
     return config.stash[CUDA_REASON_KEY]  # type: ignore[return-value]
@@ -360,7 +360,7 @@ def cuda_device(pytestconfig: pytest.Config):
 
 # --- report hooks -----------------------------------------------------------------------------------
 def _evidence_table(rows: list[dict]) -> str:
-    from kolora_probe.report_summary import human
+    from kolora_probe.report.summary import human
 
     cells = "".join(
         "<tr><td>{}</td><td class='kp-num'>{}</td><td class='kp-num'>{}</td><td>{}</td></tr>".format(
@@ -511,7 +511,7 @@ def pytest_html_results_table_html(report, data: list) -> None:
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
-    from kolora_probe.report_summary import summary_html
+    from kolora_probe.report.summary import summary_html
 
     config = session.config
     doc = config.stash.get(DOC_KEY, None) or redact(_run_document(config, exitstatus=None),
@@ -520,7 +520,7 @@ def pytest_html_results_summary(prefix: list, summary: list, postfix: list, sess
 
 
 def _run_document(config: pytest.Config, exitstatus: int | None) -> dict[str, Any]:
-    from kolora_probe.run_report import build_run_document
+    from kolora_probe.report.run_document import build_run_document
 
     plan = config.stash.get(PLAN_KEY, None)
     values, names = overrides_from(config.getoption)
@@ -629,7 +629,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if out is not None:
         terminalreporter.write_line(f"kolora-probe reports: {out} — {config.stash[DOC_KEY]['verdict']['text']}"
                                     if DOC_KEY in config.stash else f"kolora-probe reports: {out}")
-    from kolora_probe.model_source import hub_status
+    from kolora_probe.model.source import hub_status
 
     status = hub_status(probe=False)  # said once: the hub was unreachable and the run went offline after one probe
     if status is not None and not status.reachable:

@@ -2,7 +2,7 @@
 
 Korean tokenisation (chars/s), inference forward latency and one LoRA training step (tokens/s) at the plan's
 ``batch_size × seq_len``, on the device the model fixture loaded the model to; on a GPU also model FLOPs
-utilisation against the device's dense peak (:mod:`kolora_probe.throughput` documents the formula and table).
+utilisation against the device's dense peak (:mod:`kolora_probe.memory.throughput` documents the formula and table).
 Timings: pytest-benchmark (``reports/pytest-benchmark.json``); derived numbers: ``reports/benchmarks.json`` and
 the evidence rows of each check. The assertions check that what was timed is real work (tokens produced, finite
 logits of the right shape, adapters trained and frozen weights untouched, MFU physically possible), never speed.
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kolora_probe.throughput import (Peak, StepThroughput, backward_scope, forward_flops_per_token, forward_pass,
+from kolora_probe.memory.throughput import (Peak, StepThroughput, backward_scope, forward_flops_per_token, forward_pass,
                                      lora_copy, make_batch, matmul_params, optimizer_for, peak_tflops,
                                      shape_from_config, synchronize, tokenize_all, train_step,
                                      training_flops_per_token)
@@ -55,7 +55,7 @@ def _peak(device, dtype: str) -> tuple[Peak | None, str | None]:
     name = torch.cuda.get_device_name(device)
     tf32 = bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
     peak = peak_tflops(name, dtype, allow_tf32=tf32)
-    return peak, None if peak else f"{name!r} ({dtype}) is not in kolora_probe.throughput.PEAK_TFLOPS"
+    return peak, None if peak else f"{name!r} ({dtype}) is not in kolora_probe.memory.throughput.PEAK_TFLOPS"
 
 
 def _device_and_batch(model, plan, tokenizer, korean_texts):

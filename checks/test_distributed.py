@@ -47,7 +47,7 @@ def test_rendezvous_completes(launch_preflight, evidence):
 
 def test_one_device_per_local_rank(launch_preflight, evidence):
     """Every rank a distinct rank id and (host, local rank); on GPUs each local rank its own device."""
-    from kolora_probe.distributed_preflight import device_problems
+    from kolora_probe.distributed.preflight import device_problems
 
     res = need(launch_preflight, "gather")
     evidence("devices", {f.rank: f.device for f in res.facts})
@@ -57,7 +57,7 @@ def test_one_device_per_local_rank(launch_preflight, evidence):
 
 def test_same_versions_on_every_rank(launch_preflight, evidence):
     """Python, torch (CUDA, NCCL), transformers, peft, accelerate, bitsandbytes, … identical on every rank."""
-    from kolora_probe.distributed_preflight import version_mismatches
+    from kolora_probe.distributed.preflight import version_mismatches
 
     res = need(launch_preflight, "gather")
     evidence("versions", {f.rank: dict(f.versions) for f in res.facts})
@@ -68,7 +68,7 @@ def test_same_versions_on_every_rank(launch_preflight, evidence):
 
 def test_same_plan_on_every_rank(launch_preflight, evidence):
     """The effective plan (file + overrides) has the same digest on every rank."""
-    from kolora_probe.distributed_preflight import odd_ranks
+    from kolora_probe.distributed.preflight import odd_ranks
 
     res = need(launch_preflight, "gather")
     majority, odd = odd_ranks({f.rank: f.plan_digest for f in res.facts})

@@ -7,9 +7,9 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from kolora_probe.environment import installed_version
-from kolora_probe.quant_roundtrip import KERNEL_MAX_RELATIVE_ERROR, NF4_MAX_RELATIVE_ERROR, nf4_round_trip
-from kolora_probe.requirements_check import RequirementsFileError, check_dependency_graph, parse_requirements
+from kolora_probe.env.facts import installed_version
+from kolora_probe.env.bnb_roundtrip import KERNEL_MAX_RELATIVE_ERROR, NF4_MAX_RELATIVE_ERROR, nf4_round_trip
+from kolora_probe.env.requirements import RequirementsFileError, check_dependency_graph, parse_requirements
 
 pytestmark = pytest.mark.cpu
 

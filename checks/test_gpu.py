@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kolora_probe.nvml import read_nvml
-from kolora_probe.quant_roundtrip import KERNEL_MAX_RELATIVE_ERROR, NF4_MAX_RELATIVE_ERROR, nf4_round_trip
+from kolora_probe.env.nvml import read_nvml
+from kolora_probe.env.bnb_roundtrip import KERNEL_MAX_RELATIVE_ERROR, NF4_MAX_RELATIVE_ERROR, nf4_round_trip
 
 pytestmark = pytest.mark.gpu
 

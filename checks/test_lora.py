@@ -11,7 +11,7 @@ pytestmark = pytest.mark.cpu
 def test_every_target_matches(plan, structure_report, evidence):
     """Each [lora].target_modules name matches at least one adaptable layer (PEFT's suffix rule), and each
     [lora].target_parameters name at least one weight tensor of a module LoRA cannot wrap."""
-    from kolora_probe.lora_count import TargetError, resolve_target_parameters, resolve_targets
+    from kolora_probe.lora.count import TargetError, resolve_target_parameters, resolve_targets
 
     try:
         matches = resolve_targets(structure_report, plan.lora.target_modules, plan.lora.modules_to_save)
@@ -35,7 +35,7 @@ def test_analytic_count_equals_peft(lora_count, evidence):
         + [["total", "", "", "", "", c.trainable_params]]))
     assert c.peft_trainable_params == c.trainable_params, (
         f"PEFT counts {c.peft_trainable_params:,} trainable parameters but the analytic count is "
-        f"{c.trainable_params:,} for targets {list(c.targets)}; fix kolora_probe/lora_count.py or report the model")
+        f"{c.trainable_params:,} for targets {list(c.targets)}; fix kolora_probe/lora/count.py or report the model")
 
 
 def test_trainable_params_as_planned(plan, lora_count, evidence):
@@ -66,7 +66,7 @@ def test_trainable_percent(plan, lora_count, evidence):
                   f"{c.trainable_percent_of_base:.4f} % of the base {c.total_params:,}")
     assert 0 < c.trainable_percent < 100, f"trainable share {c.trainable_percent:.4f} % is not in (0, 100); fix the targets"
     assert peft_pct is not None and abs(c.trainable_percent - peft_pct) < 1e-6, (
-        f"trainable {c.trainable_percent:.4f} % != PEFT's {peft_pct} %; fix kolora_probe/lora_count.py")
+        f"trainable {c.trainable_percent:.4f} % != PEFT's {peft_pct} %; fix kolora_probe/lora/count.py")
     assert abs(c.trainable_percent - expected_pct) < 5e-5, (
         f"trainable {c.trainable_percent:.4f} % != planned {expected_pct:.4f} %; "
         f"fix [lora].expected_trainable_params or the targets")

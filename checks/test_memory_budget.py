@@ -19,7 +19,7 @@ def _gib(b: int | None) -> str:
 @pytest.mark.cpu
 def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
     """Predicted peak of one step ≤ budget; on failure the message names the largest batch size that fits."""
-    from kolora_probe.memory_budget import breakdown_chart_png
+    from kolora_probe.memory.budget import breakdown_chart_png
 
     v = memory_verdict
     e = v.estimate
@@ -44,7 +44,7 @@ def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
 @pytest.mark.gpu
 def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evidence):
     """One real step on the GPU: max_memory_allocated ≤ budget (an OOM fails here with the numbers)."""
-    from kolora_probe.memory_budget import breakdown_chart_png
+    from kolora_probe.memory.budget import breakdown_chart_png
 
     m, v = memory_measurement, memory_verdict
     evidence("measured_peak_bytes", m.peak_allocated_bytes, expected=v.budget_bytes, unit="bytes",

@@ -59,7 +59,7 @@ def test_tied_head_preserved(loaded_model, evidence):
 
 def test_parameter_count_matches_architecture(loaded_model, structure_model, evidence):
     """Loaded parameters (shared ones once) equal the count of the same config built on the meta device."""
-    from kolora_probe.meta_model import count_parameters
+    from kolora_probe.model.meta import count_parameters
 
     expected, _ = count_parameters(structure_model)
     evidence("total_params", loaded_model.total_params, expected=expected)
@@ -73,7 +73,7 @@ def test_weights_finite(loaded_model, evidence):
     """No NaN/inf in any weight (one min/max reduction per float tensor: NaN and ±inf propagate into it)."""
     import torch
 
-    from kolora_probe.environment import torch_threads, usable_threads
+    from kolora_probe.env.facts import torch_threads, usable_threads
 
     bad = []
     with torch_threads(usable_threads()), torch.inference_mode():

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.cpu
 def test_plan_runs_on_the_model(plan, model_config, evidence):
     """The model can run the plan at all: seq_len within its position limit, no quantization its checkpoint
     contradicts (bf16 on the GPU is checked by test_gpu.py::test_bf16_supported_when_planned with -m gpu)."""
-    from kolora_probe.plan_feasibility import plan_model_problems, position_limit
+    from kolora_probe.plan.feasibility import plan_model_problems, position_limit
 
     limit = position_limit(model_config)
     evidence("seq_len", plan.training.seq_len, expected=f"<= {limit.tokens}" if limit else None,

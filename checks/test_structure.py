@@ -28,13 +28,13 @@ def test_adaptable_layers_found(plan, structure_report, evidence):
                       f"fix: use a model with Linear/Conv1D projections")
     assert roles["attention"] > 0, (f"{plan.model.id}: no attention layer recognised among {body} adaptable layers "
                                     f"({rep.architecture}, model_type {rep.model_type!r}); add a rule for it in "
-                                    f"kolora_probe/structure.py ARCH_RULES")
+                                    f"kolora_probe/model/structure.py ARCH_RULES")
 
 
 def test_tied_parameters_counted_once(plan, model_config, structure_model, structure_report, evidence):
     """Shared parameters (e.g. lm_head ↔ wte) exist once in the meta-device model and in the total."""
-    from kolora_probe.meta_model import count_parameters
-    from kolora_probe.structure import ties_word_embeddings
+    from kolora_probe.model.meta import count_parameters
+    from kolora_probe.model.structure import ties_word_embeddings
 
     rep = structure_report
     total, _ = count_parameters(structure_model)
@@ -47,4 +47,4 @@ def test_tied_parameters_counted_once(plan, model_config, structure_model, struc
     if ties_word_embeddings(model_config) and head is not None:
         assert head.tied_with, (f"config.tie_word_embeddings=True but {head.name} is not tied to the input "
                                 f"embedding on the meta model: counts would be {head.params:,} too high; "
-                                f"build the model with kolora_probe.meta_model.build_meta_model")
+                                f"build the model with kolora_probe.model.meta.build_meta_model")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kolora_probe.tokenizer_checks import (FIX, config_id_checks, describe_examples, hangul_fix_hint, mangles_hangul,
+from kolora_probe.tokenizer.checks import (FIX, config_id_checks, describe_examples, hangul_fix_hint, mangles_hangul,
                                            special_tokens, vocab_size)
 
 pytestmark = pytest.mark.cpu
@@ -88,7 +88,7 @@ def test_special_tokens_in_vocab(plan, tokenizer, evidence):
 
 def test_special_token_ids_match_config(model_source, tokenizer, evidence):
     """The tokenizer's eos/pad ids equal config.json's eos_token_id/pad_token_id (bos reported)."""
-    from kolora_probe.model_source import RemoteCodeRefused, load_config
+    from kolora_probe.model.source import RemoteCodeRefused, load_config
 
     try:
         config = load_config(model_source)

@@ -70,7 +70,7 @@ def gate_run(model_dir: Path | str, *extra: str, env: dict[str, str] | None = No
 
 
 def run_cli(*args: str, offline: bool = True) -> subprocess.CompletedProcess:
-    """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main``),
+    """``kolora-probe ARGS`` run in this process through the entry point's own function (``kolora_probe.cli.main.main``),
     offline, in the repo root, with stdout/stderr captured: the same code, exit code and output as the console
     script, without a new interpreter importing torch and transformers again (seconds per call on 2 cores). Each
     CLI test module still runs one call as a real subprocess. ``offline=False`` leaves huggingface_hub's settings
@@ -80,7 +80,7 @@ def run_cli(*args: str, offline: bool = True) -> subprocess.CompletedProcess:
 
     from huggingface_hub import constants
 
-    from kolora_probe.cli import main
+    from kolora_probe.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from kolora_probe.generation import greedy_generate
-from kolora_probe.korean_text import load_korean_sample
-from kolora_probe.lm_agreement import AgreementError, lm_agreement
-from kolora_probe.model_loading import load_model
-from kolora_probe.tokenizer_loading import load_tokenizer
+from kolora_probe.model.generation import greedy_generate
+from kolora_probe.tokenizer.korean_text import load_korean_sample
+from kolora_probe.model.agreement import AgreementError, lm_agreement
+from kolora_probe.model.loading import load_model
+from kolora_probe.tokenizer.loading import load_tokenizer
 from model_factory import KOGPT2_SPECIAL_TOKENS
 from suite_runner import run_suite
 
@@ -88,7 +88,7 @@ def test_undecidable_threshold_uses_the_whole_sample(pair, lines):
 
 
 def test_token_budget_caps_the_work(pair, lines):
-    from kolora_probe.lm_agreement import MIN_TOKEN_BUDGET, default_token_budget
+    from kolora_probe.model.agreement import MIN_TOKEN_BUDGET, default_token_budget
 
     m, tok = pair("tiny")
     a = lm_agreement(m.model, tok, lines, z=None, token_budget=60)

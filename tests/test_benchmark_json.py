@@ -36,7 +36,7 @@ def _strict(text: str):
 def test_reports_json_is_strict_even_for_non_finite_numbers(tmp_path):
     """A NaN/inf measurement is written as "nan"/"inf", never as the bare NaN/Infinity tokens (not JSON)."""
     from kolora_probe_checks.fixtures_monitor import BenchmarkResults
-    from kolora_probe import strict_json
+    from kolora_probe.report import strict_json
 
     doc = {"loss": float("nan"), "rows": [1.5, float("inf"), (float("-inf"),)], "n": 3}
     assert _strict(strict_json.dumps(doc)) == {"loss": "nan", "rows": [1.5, "inf", ["-inf"]], "n": 3}

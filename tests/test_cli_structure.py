@@ -157,7 +157,7 @@ def test_unusable_config_one_line_exit_2(tmp_path):
 
 
 def test_cli_help_path_imports_no_torch():
-    code = ("import sys; from kolora_probe import cli; cli.build_parser(); "
+    code = ("import sys; from kolora_probe.cli import main as cli; cli.build_parser(); "
             "print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr

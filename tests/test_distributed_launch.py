@@ -40,7 +40,7 @@ def test_checks_pass_under_torchrun_with_two_cpu_ranks(model_dir, tmp_path):
 
 
 def test_outside_a_launcher_every_check_fails_with_how_to_launch():
-    from kolora_probe.distributed_preflight import run_preflight
+    from kolora_probe.distributed.preflight import run_preflight
 
     res = run_preflight({}, 1.0, environ={})
     assert set(res.errors) == {"launch"}
@@ -48,7 +48,7 @@ def test_outside_a_launcher_every_check_fails_with_how_to_launch():
 
 
 def test_launch_env_consistency():
-    from kolora_probe.distributed_preflight import launch_env
+    from kolora_probe.distributed.preflight import launch_env
 
     ok = launch_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
@@ -62,7 +62,7 @@ def test_launch_env_consistency():
 
 
 def test_odd_rank_is_named():
-    from kolora_probe.distributed_preflight import RankFacts, version_mismatches
+    from kolora_probe.distributed.preflight import RankFacts, version_mismatches
 
     def facts(rank, torch):
         return RankFacts(rank, rank, 3, "h", "cpu", None, {"torch": torch, "peft": "0.1"}, "d", 1)

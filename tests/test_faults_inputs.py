@@ -30,7 +30,7 @@ def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
 
 def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
     """``kolora-probe ARGS`` in this process (no torch import per call); the same exit code and streams."""
-    from kolora_probe.cli import main
+    from kolora_probe.cli.main import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -63,9 +63,9 @@ def gpt2_dir(tmp_path: Path, name: str, **overrides) -> Path:
 # --- point 6: nothing real is allocated for a count or a shape ---------------------------------------------
 PEAK_RSS = r'''
 import resource, sys
-from kolora_probe.model_source import resolve_config
-from kolora_probe.meta_model import build_meta_model
-from kolora_probe.lora_count import count_lora
+from kolora_probe.model.source import resolve_config
+from kolora_probe.model.meta import build_meta_model
+from kolora_probe.lora.count import count_lora
 _, config = resolve_config(sys.argv[1])
 model = build_meta_model(config)
 import accelerate, peft  # noqa: E401,F401 - imported before the baseline: only the count itself is measured
@@ -128,7 +128,7 @@ class CountingName(str):
 @pytest.mark.parametrize("blocks", [500, 2000])
 def test_minimal_targets_work_is_linear_in_the_layers(blocks):
     """10,000-layer configs made the suggestion quadratic: the work per module name must stay constant."""
-    from kolora_probe.structure import minimal_targets
+    from kolora_probe.model.structure import minimal_targets
 
     names = [CountingName(f"model.layers.{i}.{leaf}") for i in range(blocks)
              for leaf in ("self_attn", "self_attn.q_proj", "self_attn.v_proj", "mlp", "mlp.up_proj")]
@@ -153,7 +153,7 @@ def safetensors_with_header(path: Path, header) -> Path:
     {"w": [0, 16]},
 ], ids=["list", "int", "string-offsets", "string-shape", "entry-not-object"])
 def test_malformed_safetensors_header_is_one_line(tmp_path, header):
-    from kolora_probe.model_loading import ModelLoadError, check_safetensors
+    from kolora_probe.model.loading import ModelLoadError, check_safetensors
 
     f = safetensors_with_header(tmp_path / "model.safetensors", header)
     with pytest.raises(ModelLoadError) as e:
@@ -164,7 +164,7 @@ def test_malformed_safetensors_header_is_one_line(tmp_path, header):
 
 
 def local_source(d: Path):
-    from kolora_probe.model_source import resolve_model_source
+    from kolora_probe.model.source import resolve_model_source
 
     return resolve_model_source(str(d))
 
@@ -173,7 +173,7 @@ def local_source(d: Path):
     {"w": ["model-00001.safetensors"]}, {"w": 3}, [1, 2], {},
 ], ids=["value-list", "value-int", "map-list", "empty"])
 def test_malformed_shard_index_is_one_line(tmp_path, weight_map):
-    from kolora_probe.model_loading import ModelLoadError, find_weights
+    from kolora_probe.model.loading import ModelLoadError, find_weights
 
     d = gpt2_dir(tmp_path, "m")
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -275,7 +275,7 @@ def test_monitor_interval_out_of_bounds(interval):
 
 def test_monitor_duration_is_wall_time(tmp_path):
     """A tiny interval with a duration stops after the duration, not after duration / interval samples."""
-    from kolora_probe.monitor import Monitor, SystemMemory
+    from kolora_probe.monitor.recorder import Monitor, SystemMemory
 
     class System:
         def sample(self):
@@ -344,7 +344,7 @@ def test_monitor_sigterm_always_stops(tmp_path):
 
 # --- point 9: refusals never advise unsafe loading; huge target lists are echoed capped, matched linearly -----
 def test_refused_pickle_names_the_global_and_never_suggests_unsafe_loading(tmp_path, model_zoo):
-    from kolora_probe.model_loading import ModelLoadError, verify_bin_weights_only
+    from kolora_probe.model.loading import ModelLoadError, verify_bin_weights_only
 
     marker = tmp_path / "PWNED"
     evil = tmp_path / "pytorch_model.bin"
@@ -369,9 +369,9 @@ def test_refused_pickle_names_the_global_and_never_suggests_unsafe_loading(tmp_p
 
 
 def test_a_huge_target_list_is_echoed_capped():
-    from kolora_probe.lora_count import TargetError, resolve_targets
-    from kolora_probe.meta_model import build_meta_model
-    from kolora_probe.structure import analyze_model
+    from kolora_probe.lora.count import TargetError, resolve_targets
+    from kolora_probe.model.meta import build_meta_model
+    from kolora_probe.model.structure import analyze_model
     from transformers import GPT2Config
 
     report = analyze_model(build_meta_model(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100,

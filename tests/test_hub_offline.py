@@ -27,7 +27,7 @@ def unreachable_hub(monkeypatch, tmp_path):
     """huggingface_hub online by setting, its endpoint a closed port, an empty cache; the probe forgotten."""
     from huggingface_hub import constants
 
-    from kolora_probe import model_source
+    from kolora_probe.model import source as model_source
 
     endpoint = closed_port_endpoint()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -43,8 +43,8 @@ def test_unreachable_hub_is_probed_once_without_retries(unreachable_hub, monkeyp
     import huggingface_hub.utils as hub_utils
     import huggingface_hub.utils._http as hub_http
 
-    from kolora_probe.model_loading import fetch_file
-    from kolora_probe.model_source import ModelNotFound, ModelSource, hub_status, resolve_model_source
+    from kolora_probe.model.loading import fetch_file
+    from kolora_probe.model.source import ModelNotFound, ModelSource, hub_status, resolve_model_source
 
     sleeps: list[float] = []
 
@@ -90,7 +90,7 @@ def test_cli_on_a_local_dir_or_a_cached_id_never_asks_the_hub(unreachable_hub, t
     """No probe (so no note) when the config is local or cached; a missing id: one line with the probe's error."""
     from huggingface_hub import constants
 
-    from kolora_probe.model_source import hub_status
+    from kolora_probe.model.source import hub_status
 
     ko = save_config(kogpt2_config(), tmp_path / "ko")
     cache = tmp_path / "hub"

@@ -1,7 +1,7 @@
 """The one PEFT LoraConfig builder: settings passed through, PEFT's all-linear shorthand, Conv1D fan_in_fan_out."""
 import warnings
 
-from kolora_probe.lora_config import peft_lora_config
+from kolora_probe.lora.config import peft_lora_config
 
 
 def tiny_gpt2():
@@ -35,8 +35,8 @@ def test_all_linear_shorthand_adapts_every_linear_layer_but_the_head():
 
 
 def test_throughput_lora_copy_accepts_all_linear():
-    from kolora_probe.plan import BudgetSpec, LoraSpec, ModelSpec, Plan, TrainingSpec
-    from kolora_probe.throughput import lora_copy
+    from kolora_probe.plan.schema import BudgetSpec, LoraSpec, ModelSpec, Plan, TrainingSpec
+    from kolora_probe.memory.throughput import lora_copy
 
     plan = Plan(ModelSpec("tiny"), LoraSpec(r=2, alpha=4, dropout=0.0, target_modules=("all-linear",)),
                 TrainingSpec(batch_size=2, seq_len=6), BudgetSpec(gpu_memory_gib=1))

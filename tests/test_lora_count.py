@@ -5,9 +5,9 @@ from structure_configs import (KO_D, KO_LAYERS, KO_VOCAB, LL_D, LL_FF, LL_HEADS,
                                NX_LAYERS, OPT_D, OPT_FF, OPT_LAYERS, kogpt2_config, llama_config, neox_config,
                                opt_config)
 
-from kolora_probe.lora_count import TargetError, count_lora, resolve_targets
-from kolora_probe.meta_model import build_meta_model
-from kolora_probe.structure import analyze_model
+from kolora_probe.lora.count import TargetError, count_lora, resolve_targets
+from kolora_probe.model.meta import build_meta_model
+from kolora_probe.model.structure import analyze_model
 
 R = 16
 KO_TOTAL = 125_164_032

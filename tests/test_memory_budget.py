@@ -4,9 +4,9 @@ import torch
 
 from structure_configs import kogpt2_config
 
-from kolora_probe.memory_budget import _largest, budget_verdict, breakdown_chart_png, cuda_context_bytes
-from kolora_probe.memory_measure import is_oom, measure_callable
-from kolora_probe.memory_trace import StepShape, trace_step
+from kolora_probe.memory.budget import _largest, budget_verdict, breakdown_chart_png, cuda_context_bytes
+from kolora_probe.memory.measure import is_oom, measure_callable
+from kolora_probe.memory.trace import StepShape, trace_step
 
 GIB = 2 ** 30
 

@@ -3,8 +3,8 @@ import pytest
 
 from structure_configs import kogpt2_config, llama_config
 
-from kolora_probe.memory_closed_form import closed_form, closed_form_for, model_facts
-from kolora_probe.memory_trace import StepShape, trace_step
+from kolora_probe.memory.closed_form import closed_form, closed_form_for, model_facts
+from kolora_probe.memory.trace import StepShape, trace_step
 
 BASE = dict(batch_size=8, seq_len=512, targets=("c_attn",), lora_dropout=0.05)
 GRID = {

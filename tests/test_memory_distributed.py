@@ -10,21 +10,21 @@ from structure_configs import LL_D, LL_HEADS, LL_KV, LL_LAYERS, llama_config, sa
 
 
 def _spec(strategy: str, n: int, **kw):
-    from kolora_probe.plan import DistributedSpec
+    from kolora_probe.plan.schema import DistributedSpec
 
     return DistributedSpec(strategy=strategy, world_size=n, **kw)
 
 
 @pytest.fixture(scope="module")
 def llama_shape():
-    from kolora_probe.memory_trace import StepShape
+    from kolora_probe.memory.trace import StepShape
 
     return StepShape(batch_size=2, seq_len=32, targets=("q_proj", "v_proj"), r=8, alpha=16.0, lora_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def llama_single(llama_shape):
-    from kolora_probe.memory_trace import trace_step
+    from kolora_probe.memory.trace import trace_step
 
     return trace_step(llama_config(), llama_shape)
 
@@ -35,7 +35,7 @@ def _lora_params_llama(r: int) -> int:   # hand-derived: q_proj 64→64, v_proj 
 
 
 def test_none_is_the_single_gpu_estimate(llama_shape, llama_single):
-    from kolora_probe.memory_distributed import rank_estimate
+    from kolora_probe.memory.distributed import rank_estimate
 
     e = rank_estimate(llama_config(), llama_shape, _spec("none", 1), single=llama_single)
     assert e.per_rank_peak_bytes == llama_single.predicted_peak_bytes
@@ -43,7 +43,7 @@ def test_none_is_the_single_gpu_estimate(llama_shape, llama_single):
 
 
 def test_fsdp_trace_shards_frozen_weights_and_shrinks_with_ranks(llama_shape, llama_single):
-    from kolora_probe.memory_distributed import rank_estimate
+    from kolora_probe.memory.distributed import rank_estimate
 
     est = {n: rank_estimate(llama_config(), llama_shape, _spec("fsdp", n), single=llama_single) for n in (2, 4)}
     assert {e.method for e in est.values()} == {"fsdp2_mem_tracker"}, [e.notes for e in est.values()]
@@ -56,7 +56,7 @@ def test_fsdp_trace_shards_frozen_weights_and_shrinks_with_ranks(llama_shape, ll
 
 
 def test_ddp_adds_the_gradient_buckets(llama_shape, llama_single):
-    from kolora_probe.memory_distributed import rank_estimate
+    from kolora_probe.memory.distributed import rank_estimate
 
     e = rank_estimate(llama_config(), llama_shape, _spec("ddp", 2), single=llama_single)
     buckets = e.components["ddp_gradient_buckets"]
@@ -68,7 +68,7 @@ def test_ddp_adds_the_gradient_buckets(llama_shape, llama_single):
 def test_zero_model_states_match_deepspeed_estimators():
     ds2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
     ds3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
-    from kolora_probe.memory_distributed import deepspeed_model_states_bytes as ours
+    from kolora_probe.memory.distributed import deepspeed_model_states_bytes as ours
 
     for p, largest, n in ((2_359_296, 39_321_600, 1), (7_000_000_000, 131_072_000, 8), (4_194_304, 65_536, 3)):
         _, gpu2 = ds2.estimate_zero2_model_states_mem_needs(p, n, 1, cpu_offload=False)
@@ -82,7 +82,7 @@ def test_zero_model_states_match_deepspeed_estimators():
 
 
 def test_zero3_partitions_frozen_weights_zero2_does_not(llama_shape, llama_single):
-    from kolora_probe.memory_distributed import rank_estimate
+    from kolora_probe.memory.distributed import rank_estimate
 
     z2 = {n: rank_estimate(llama_config(), llama_shape, _spec("zero2", n), single=llama_single) for n in (1, 4)}
     z3 = rank_estimate(llama_config(), llama_shape, _spec("zero3", 4), single=llama_single)
@@ -93,8 +93,8 @@ def test_zero3_partitions_frozen_weights_zero2_does_not(llama_shape, llama_singl
 
 
 def test_launch_config_files(tmp_path):
-    from kolora_probe.distributed_config import read_launch_config
-    from kolora_probe.plan import PlanError
+    from kolora_probe.distributed.config import read_launch_config
+    from kolora_probe.plan.schema import PlanError
 
     acc = tmp_path / "fsdp.yaml"
     acc.write_text("distributed_type: FSDP\nnum_processes: 8\nnum_machines: 2\nfsdp_config:\n"
@@ -117,7 +117,7 @@ def test_launch_config_files(tmp_path):
 
 
 def test_plan_distributed_table_and_overrides(tmp_path):
-    from kolora_probe.plan import PlanError, apply_overrides, default_plan, load_plan
+    from kolora_probe.plan.schema import PlanError, apply_overrides, default_plan, load_plan
 
     plan = apply_overrides(default_plan(), {"distributed.strategy": "fsdp", "distributed.world_size": 4},
                            {"distributed.strategy": "--strategy", "distributed.world_size": "--world-size"})
@@ -135,7 +135,7 @@ def test_plan_distributed_table_and_overrides(tmp_path):
 
 
 def test_estimate_cli_json(tmp_path, capsys):
-    from kolora_probe.cli import main
+    from kolora_probe.cli.main import main
 
     model = save_config(llama_config(), tmp_path / "m")
     rc = main(["estimate", f"--model={model}", "--targets", "q_proj,v_proj", "--batch-size", "2", "--seq-len",

@@ -6,7 +6,7 @@ from structure_configs import KO_D, KO_LAYERS, KO_POS, KO_VOCAB, kogpt2_config
 
 
 def _spec(strategy: str, n: int):
-    from kolora_probe.plan import DistributedSpec
+    from kolora_probe.plan.schema import DistributedSpec
 
     return DistributedSpec(strategy=strategy, world_size=n)
 
@@ -14,8 +14,8 @@ def _spec(strategy: str, n: int):
 def test_full_size_kogpt2_fsdp_4_below_2_below_one_gpu():
     """b2 × s256 (at b1 × s64 two ranks are above one GPU: the root's tied embedding is all-gathered and copied
     out while the logits are live)."""
-    from kolora_probe.memory_distributed import rank_estimate
-    from kolora_probe.memory_trace import StepShape, trace_step
+    from kolora_probe.memory.distributed import rank_estimate
+    from kolora_probe.memory.trace import StepShape, trace_step
 
     shape = StepShape(batch_size=2, seq_len=256, targets=("c_attn", "c_proj", "c_fc"))
     config = kogpt2_config()

@@ -11,11 +11,11 @@ import torch
 
 from structure_configs import LL_D, LL_FF, LL_LAYERS, LL_VOCAB, kogpt2_config, llama_config
 
-from kolora_probe.memory_budget import (CUDA_CONTEXT_EAGER_BYTES, CUDA_CONTEXT_LAZY_BYTES, budget_verdict,
+from kolora_probe.memory.budget import (CUDA_CONTEXT_EAGER_BYTES, CUDA_CONTEXT_LAZY_BYTES, budget_verdict,
                                         cuda_context_bytes)
-from kolora_probe.memory_trace import (StepShape, add_lora, bnb_state_tensors, pool_charge, prepare_kbit,
+from kolora_probe.memory.trace import (StepShape, add_lora, bnb_state_tensors, pool_charge, prepare_kbit,
                                        replay_caching_allocator, reserved_lower_bound, trace_step)
-from kolora_probe.plan import PlanError, apply_overrides, default_plan, load_plan
+from kolora_probe.plan.schema import PlanError, apply_overrides, default_plan, load_plan
 
 MIB = 2 ** 20
 QLORA = dict(batch_size=4, seq_len=64, dtype="bf16", weights_dtype="bf16", quantization="4bit",
@@ -96,7 +96,7 @@ def test_real_cpu_qlora_step_with_and_without_prepare_kbit(ll, tmp_path, ll_trac
     than the fake-tensor dispatch of the same ops)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from kolora_probe.memory_measure import measure_callable, resident_bytes
+    from kolora_probe.memory.measure import measure_callable, resident_bytes
 
     AutoModelForCausalLM.from_config(ll, dtype=torch.bfloat16).save_pretrained(tmp_path)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

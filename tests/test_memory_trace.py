@@ -10,7 +10,7 @@ import torch
 
 from structure_configs import KO_D, KO_LAYERS, KO_VOCAB, kogpt2_config, llama_config
 
-from kolora_probe.memory_trace import StepShape, adamw8bit_state_bytes, nf4_bytes, nf4_tensor_sizes, trace_step
+from kolora_probe.memory.trace import StepShape, adamw8bit_state_bytes, nf4_bytes, nf4_tensor_sizes, trace_step
 
 KO_PARAMS = 125_164_032
 MIB = 2 ** 20
@@ -111,7 +111,7 @@ def test_cpu_semantics_trace_equals_real_cpu_step(kw):
 
     KoGPT-2 widths and vocabulary with 2 layers instead of 12 (a real 125M-parameter step per case would take
     too long on this machine's 2 cores; the 12-layer comparison is in benchmarks/memory_grid.py)."""
-    from kolora_probe.memory_measure import measure_step
+    from kolora_probe.memory.measure import measure_step
 
     cfg = kogpt2_config()
     cfg.n_layer = 2
@@ -147,7 +147,7 @@ def test_llama_style_model_traces(ko):
 def test_cuda_autocast_softmax_with_positional_dtype_runs_in_fp32():
     """CUDA's autocast runs softmax in fp32 (``fp32_set_opt_dtype``); eager attention code (BLOOM, Gemma 2) calls
     ``softmax(x, dim, dtype=...)``, which reaches the kernel with ``dtype`` as a positional argument."""
-    from kolora_probe.memory_emulation import cuda_like_kernels
+    from kolora_probe.memory.cuda_emulation import cuda_like_kernels
 
     x = torch.randn(2, 5).to(torch.bfloat16)
     with cuda_like_kernels(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -167,7 +167,7 @@ def test_eager_attention_models_trace_under_bf16_autocast(make):
            Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
                         pad_token_id=0))
-    from kolora_probe.memory_budget import estimate
+    from kolora_probe.memory.budget import estimate
 
     for weights in ("fp32", "bf16"):
         e = estimate(cfg, StepShape(batch_size=2, seq_len=16, dtype="bf16", weights_dtype=weights,
@@ -177,8 +177,8 @@ def test_eager_attention_models_trace_under_bf16_autocast(make):
 
 
 def test_a_trace_that_fails_falls_back_to_the_closed_form_with_the_reason(monkeypatch):
-    import kolora_probe.memory_trace as mt
-    from kolora_probe.memory_budget import estimate
+    import kolora_probe.memory.trace as mt
+    from kolora_probe.memory.budget import estimate
 
     def broken(config, shape):
         raise RuntimeError("aten::foo has no fake kernel\nsecond line")

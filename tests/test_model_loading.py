@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from kolora_probe.meta_model import build_meta_model, count_parameters
-from kolora_probe.model_loading import (ModelLoadError, check_safetensors, find_weights, load_model, tied_groups,
+from kolora_probe.model.meta import build_meta_model, count_parameters
+from kolora_probe.model.loading import (ModelLoadError, check_safetensors, find_weights, load_model, tied_groups,
                                         verify_bin_weights_only)
-from kolora_probe.model_source import ModelNotFound, load_config, resolve_model_source
+from kolora_probe.model.source import ModelNotFound, load_config, resolve_model_source
 from model_factory import KOGPT2_TOTAL_PARAMS, _WritesMarker
 from suite_runner import gate_run, run_suite
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kolora_probe.monitor import (LiveView, Monitor, PsutilSource, Sample, SystemMemory, format_sample,
+from kolora_probe.monitor.recorder import (LiveView, Monitor, PsutilSource, Sample, SystemMemory, format_sample,
                                   read_samples, summarize_samples)
-from kolora_probe.nvml import GpuSample, NvmlSource
+from kolora_probe.env.nvml import GpuSample, NvmlSource
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kolora_probe.plan import PlanError, apply_overrides, default_plan, load_plan
-from kolora_probe.plan_options import plan_from_options
+from kolora_probe.plan.schema import PlanError, apply_overrides, default_plan, load_plan
+from kolora_probe.plan.options import plan_from_options
 
 ROOT_PLANS = __import__("pathlib").Path(__file__).resolve().parent.parent / "plans"
 
@@ -110,7 +110,7 @@ def test_option_parsing_keeps_bad_strings_for_validation():
 
 
 def _parse(dest, got):
-    from kolora_probe.plan_options import PLAN_OPTIONS, _safe
+    from kolora_probe.plan.options import PLAN_OPTIONS, _safe
 
     raw = got.get(dest)
     if raw is None:

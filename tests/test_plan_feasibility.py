@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kolora_probe.environment import TorchGpu
-from kolora_probe.plan import apply_overrides, default_plan, load_plan
-from kolora_probe.plan_feasibility import plan_model_problems, position_limit
+from kolora_probe.env.facts import TorchGpu
+from kolora_probe.plan.schema import apply_overrides, default_plan, load_plan
+from kolora_probe.plan.feasibility import plan_model_problems, position_limit
 from structure_configs import kogpt2_config, save_config
 from suite_runner import documented, run_suite
 
@@ -54,8 +54,8 @@ def test_bf16_on_a_gpu_without_it():
 
 
 def test_largest_sequence_length_never_exceeds_the_model_limit():
-    from kolora_probe.memory_budget import budget_verdict
-    from kolora_probe.memory_trace import StepShape
+    from kolora_probe.memory.budget import budget_verdict
+    from kolora_probe.memory.trace import StepShape
 
     config = kogpt2_config()
     shape = StepShape.from_plan(apply_overrides(default_plan(), {"training.seq_len": 2 * config.n_positions}))

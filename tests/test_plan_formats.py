@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from kolora_probe import plan_formats
-from kolora_probe.plan import PlanError, load_plan, plan_from_dict
-from kolora_probe.plan_formats import load_plans, parse_file, plan_toml
-from kolora_probe.plan_options import plan_from_options
+from kolora_probe.plan import formats as plan_formats
+from kolora_probe.plan.schema import PlanError, load_plan, plan_from_dict
+from kolora_probe.plan.formats import load_plans, parse_file, plan_toml
+from kolora_probe.plan.options import plan_from_options
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "plan_fixtures"
@@ -215,7 +215,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def main(capsys, *args: str) -> tuple[int, str, str]:
     """The CLI in this process (one torch import for the module; the subprocess form is tested below)."""
-    from kolora_probe.cli import main as cli_main
+    from kolora_probe.cli.main import main as cli_main
 
     capsys.readouterr()
     rc = cli_main(list(args))

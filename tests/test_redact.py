@@ -1,4 +1,4 @@
-from kolora_probe.redact import MASK, redact, redact_text, secret_values
+from kolora_probe.report.redact import MASK, redact, redact_text, secret_values
 
 
 def test_env_secret_values_are_masked_everywhere():

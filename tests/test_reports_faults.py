@@ -196,7 +196,7 @@ def test_unreadable_plan_file_is_one_line(tmp_path, plan):
 
 
 def test_load_plan_refuses_unreadable_paths_in_one_line(tmp_path):
-    from kolora_probe.plan import PlanError, load_plan
+    from kolora_probe.plan.schema import PlanError, load_plan
 
     for path in ("/proc/self/mem", "/tmp/" + "q" * 5000):
         with pytest.raises(PlanError) as err:
@@ -244,7 +244,7 @@ def test_failure_line_drops_assertion_rewriting():
 
 
 def test_root_causes_group_blocked_checks_under_their_owner():
-    from kolora_probe.run_report import root_causes, verdict
+    from kolora_probe.report.run_document import root_causes, verdict
 
     checks = [{"nodeid": "m.py::test_model_found", "outcome": "failed", "message": "model not found: …"},
               {"nodeid": "m.py::test_weights_load", "outcome": "failed", "message": "blocked",
@@ -262,7 +262,7 @@ def test_root_causes_group_blocked_checks_under_their_owner():
 
 
 def test_human_units_beside_raw_numbers():
-    from kolora_probe.report_summary import human
+    from kolora_probe.report.summary import human
 
     assert human(3 * 2**30, "bytes") == f"3.00 GiB ({3 * 2**30:,} bytes)"
     assert human(1234567) == "1,234,567" and human(None) == "—" and human("") == "—"

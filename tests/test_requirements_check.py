@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kolora_probe.requirements_check import (RequirementsFileError, check_dependency_graph, check_requirements,
+from kolora_probe.env.requirements import (RequirementsFileError, check_dependency_graph, check_requirements,
                                              parse_requirements)
 
 

@@ -8,8 +8,8 @@ from structure_configs import (KO_D, KO_HEADS, KO_LAYERS, KO_POS, KO_VOCAB, LL_D
                                LL_LAYERS, LL_VOCAB, NX_D, NX_FF, NX_LAYERS, NX_VOCAB, OPT_D, OPT_FF, OPT_LAYERS,
                                OPT_POS, OPT_VOCAB, kogpt2_config, llama_config, neox_config, opt_config)
 
-from kolora_probe.meta_model import build_meta_model
-from kolora_probe.structure import analyze_model, family_of, matches_target, minimal_targets
+from kolora_probe.model.meta import build_meta_model
+from kolora_probe.model.structure import analyze_model, family_of, matches_target, minimal_targets
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_mixture_of_experts_fused_tensors_are_reported_not_suggested():
     parameters, no 'attention+mlp' set pretends to cover the MLP, and a LoRA count warns about them."""
     from transformers import MixtralConfig
 
-    from kolora_probe.lora_count import count_lora
+    from kolora_probe.lora.count import count_lora
 
     d, ff, experts, layers, vocab = 64, 96, 4, 2, 100
     cfg = MixtralConfig(vocab_size=vocab, hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from kolora_probe.throughput import (PEAK_TFLOPS, BackwardScope, Peak, StepThroughput, attention_flops_per_token,
+from kolora_probe.memory.throughput import (PEAK_TFLOPS, BackwardScope, Peak, StepThroughput, attention_flops_per_token,
                                      backward_scope, forward_flops_per_token, forward_pass, gpu_key, lora_copy,
                                      make_batch, matmul_params, measure_tokenization, mfu, optimizer_for,
                                      peak_tflops, shape_from_config, throughput_from_seconds, train_step,
@@ -180,7 +180,7 @@ def test_tokenization_throughput_counts_characters_and_tokens():
 
 
 def _plan(targets=("c_attn",), grad_ckpt=False, dtype="fp32"):
-    from kolora_probe.plan import BudgetSpec, LoraSpec, ModelSpec, Plan, TrainingSpec
+    from kolora_probe.plan.schema import BudgetSpec, LoraSpec, ModelSpec, Plan, TrainingSpec
 
     return Plan(ModelSpec("tiny"), LoraSpec(r=2, alpha=4, dropout=0.0, target_modules=tuple(targets)),
                 TrainingSpec(dtype=dtype, batch_size=2, seq_len=6, gradient_checkpointing=grad_ckpt),

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from kolora_probe.korean_text import (PACKAGED_SAMPLE, KoreanSampleError, hangul_count, hangul_ratio, is_hangul,
+from kolora_probe.tokenizer.korean_text import (PACKAGED_SAMPLE, KoreanSampleError, hangul_count, hangul_ratio, is_hangul,
                                       load_korean_sample)
-from kolora_probe.model_source import load_config, resolve_model_source
-from kolora_probe.tokenizer_checks import (config_id_checks, hangul_fix_hint, mangles_hangul, round_trip,
+from kolora_probe.model.source import load_config, resolve_model_source
+from kolora_probe.tokenizer.checks import (config_id_checks, hangul_fix_hint, mangles_hangul, round_trip,
                                            special_tokens)
-from kolora_probe.tokenizer_loading import TokenizerLoadError, load_tokenizer
+from kolora_probe.tokenizer.loading import TokenizerLoadError, load_tokenizer
 from model_factory import KOGPT2_SPECIAL_TOKENS, train_kogpt2_like_tokenizer
 from suite_runner import gate_run, run_suite
 

@@ -1,0 +1,1 @@
+"""GPU (NVML) and system memory monitor: samples, summary, timeline."""

@@ -1,0 +1,5 @@
+import sys
+
+from kolora_probe.monitor.recorder import main
+
+sys.exit(main())
