@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 
 from kolora_probe_checks.failures import fail_check, failure_line, is_check_failure, root_cause
-from kolora_probe import __version__, strict_json
+from kolora_probe import __version__
+from kolora_probe.report import strict_json
 from kolora_probe.plan.schema import Plan, PlanError
 from kolora_probe.plan.options import add_plan_options, overrides_from, plan_from_options
 from kolora_probe.report.redact import redact, redact_text, secret_values

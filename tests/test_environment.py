@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from kolora_probe.env import facts as environment as env
+from kolora_probe.env import facts as env
 
 
 def test_probes_run_once_and_are_shared(monkeypatch):
