@@ -41,7 +41,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from kolora_probe.memory.trace import CUDA_BLOCK, MemoryEstimate, StepShape, TraceUnsupported, round_block
+from kolora_probe.memory.trace import CUDA_BLOCK, MemoryEstimate, StepShape, TraceUnsupported, round_block, rounding
 
 STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
 SHARDED = ("fsdp", "zero3")
@@ -184,23 +184,6 @@ def zero_rank_estimate(single: MemoryEstimate, facts: ParamFacts, strategy: str,
 
 # --- FSDP2 -------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _rounded(block: int):
-    """Round every storage FSDPMemTracker sees up to ``block`` bytes (it shares MemTracker's _WeakRefInfo)."""
-    import torch.distributed._tools.mem_tracker as mtm
-
-    original = mtm._WeakRefInfo._calculate_mem_consumed
-
-    def calc(self: Any) -> int:
-        return round_block(self.size * self.element_size, block)
-
-    mtm._WeakRefInfo._calculate_mem_consumed = calc
-    try:
-        yield
-    finally:
-        mtm._WeakRefInfo._calculate_mem_consumed = original
-
-
-@contextlib.contextmanager
 def fake_process_group(world_size: int):
     """PyTorch's fake process group of ``world_size`` ranks in this process (this process is rank 0)."""
     import torch.distributed as dist
@@ -246,7 +229,7 @@ def trace_fsdp_step(config: Any, shape: StepShape, world_size: int, *, reshard_a
         mesh = init_device_mesh("cpu", (world_size,))   # outside the fake mode: the mesh reads real rank tensors
         if cuda:
             stack.enter_context(cuda_like_kernels())
-        stack.enter_context(_rounded(block))
+        stack.enter_context(rounding(block))
         stack.enter_context(fm)
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")

@@ -688,7 +688,7 @@ def _tracker_class():
 
 
 @contextlib.contextmanager
-def _rounding(block: int):
+def rounding(block: int):
     """Round every tracked storage up to ``block`` bytes (MemTracker does so only for real CUDA devices)."""
     import torch.distributed._tools.mem_tracker as mtm
 
@@ -766,7 +766,7 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
     with contextlib.ExitStack() as stack:
         if cuda:
             stack.enter_context(cuda_like_kernels())
-        stack.enter_context(_rounding(block))
+        stack.enter_context(rounding(block))
         stack.enter_context(fm)
         opt = make_optimizer(model, shape, cuda=cuda, traced=True)
 
