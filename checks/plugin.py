@@ -94,6 +94,8 @@ def _suite_active(config: pytest.Config) -> bool:
     """True when this run collects kolora-probe checks (not only the project's own tests/)."""
     checks_dir = CHECKS_DIR
     for arg in config.args or ["checks"]:
+        if config.option.pyargs and str(arg).split("::")[0].split(".")[0] == __name__.split(".")[0]:
+            return True  # pytest --pyargs kolora_probe_checks
         p = Path(str(arg).split("::")[0])
         p = (Path(config.invocation_params.dir) / p).resolve() if not p.is_absolute() else p.resolve()
         if p == checks_dir or checks_dir in p.parents or p in checks_dir.parents:
@@ -115,10 +117,11 @@ def reports_dir(config: pytest.Config) -> Path:
 
 
 def reports_base(config: pytest.Config) -> Path:
-    """``reports/`` in the project's rootdir; where the shipped checks are their own rootdir (``kolora-probe
-    check``, an installed kolora-probe), ``reports/`` in the directory pytest was started in."""
+    """``reports/`` in the rootdir of the project the checks live in (this repo); where they are not inside the
+    rootdir's tree (``kolora-probe check``, ``--pyargs`` on an installed kolora-probe), ``reports/`` in the
+    directory pytest was started in."""
     root = Path(str(config.rootpath)).resolve()
-    return (Path(config.invocation_params.dir) if root == CHECKS_DIR else root) / "reports"
+    return (root if root in CHECKS_DIR.parents else Path(config.invocation_params.dir)) / "reports"
 
 
 def _short_path(p: Any, limit: int = 120) -> str:

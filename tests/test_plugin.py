@@ -71,6 +71,17 @@ def test_check_command_runs_the_gate_anywhere(config_dir, tmp_path):
     assert "--r 0 is invalid" in doc["checks"][0]["message"]
 
 
+def test_pyargs_form_writes_the_reports(config_dir, tmp_path):
+    """The README's other way to run the shipped checks from a project's own pytest set-up."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "kolora_probe_checks.plugin", "-p", "no:cacheprovider",
+                           "--pyargs", "kolora_probe_checks", "--model", str(config_dir), "--seq-len", "64",
+                           "-k", "test_plan_is_valid"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "reports" / "gate" / "environment.json").read_text(encoding="utf-8"))
+    assert doc["plan"]["model"]["id"] == str(config_dir)
+
+
 def test_declared_dependencies_match_requirements():
     """The wheel's dependencies are requirements.txt's (torch as a range there, pinned in requirements.txt)."""
     declared = {Requirement(r).name.lower(): Requirement(r) for r in
