@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kolora_probe.plan.schema import REQUIRED, SCHEMA, UNSET, Plan, PlanError, plan_from_dict
+from kolora_probe.plan.schema import REQUIRED, SCHEMA, Plan, PlanError, merge_overrides, plan_from_dict
 
 KOLORA = "kolora-probe TOML"
 PEFT = "PEFT adapter_config.json"
@@ -614,35 +614,10 @@ def compose(readings: Sequence[Reading], overrides: Mapping[str, Any] | None = N
         table, _, key = dotted.partition(".")
         data[table][key] = value
         origins[dotted] = origin
-    new_model, pinned = overrides.get("model.id"), data["lora"].get("expected_trainable_params")
-    if (isinstance(new_model, str) and new_model != data["model"].get("id") and pinned is not None
-            and overrides.get("lora.expected_trainable_params") is None):
-        # the pinned count was counted for the file's model, not the one the command line names
-        data["lora"].pop("expected_trainable_params")
-        notes.append(f"lora.expected_trainable_params = {pinned:,} from {source} was counted for "
-                     f"{data['model'].get('id')}, not {option_names.get('model.id', 'model.id')} {new_model}: not "
-                     f"compared (pin one with --expected-trainable N)")
-    for dotted, value in overrides.items():
-        table, _, key = dotted.partition(".")
-        if not isinstance(data.get(table), dict):
-            continue
-        name = option_names.get(dotted, dotted)
-        if table not in SCHEMA or key not in SCHEMA[table]:
-            errors.append(f"{name}: not a plan field")
-            continue
-        if value is UNSET:
-            if key in REQUIRED[table]:
-                errors.append(f"{name} none is invalid; {dotted} is required")
-            else:
-                data[table].pop(key, None)
-                origins[dotted] = f"command line: {name} none"
-            continue
-        validator, allowed = SCHEMA[table][key]
-        if not validator(value):
-            errors.append(f"{name} {value!r} is invalid; expected {allowed}")
-            continue
-        data[table][key] = value
-        origins[dotted] = f"command line: {name}"
+    override_errors, override_notes, override_origins = merge_overrides(data, overrides, option_names, source)
+    errors += override_errors
+    notes += override_notes
+    origins.update(override_origins)
     unset_budget = False
     if "gpu_memory_gib" not in data["budget"]:
         gib, why = (budget_from_device or device_budget)()

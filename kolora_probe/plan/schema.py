@@ -340,40 +340,52 @@ def apply_overrides(plan: Plan, overrides: Mapping[str, Any], option_names: Mapp
     """
     option_names = option_names or {}
     data = plan_to_dict_for_override(plan)
+    errors, notes, origins = merge_overrides(data, overrides, option_names, plan.source)
+    source = plan.source + (" + command-line overrides" if overrides else "")
+    errors = errors or _cross_field(data, source)
+    if errors:
+        raise PlanError(errors)
+    return dataclasses.replace(_build(data, source, [*plan.notes, *notes]), origins={**plan.origins, **origins})
+
+
+def merge_overrides(data: dict[str, Any], overrides: Mapping[str, Any], option_names: Mapping[str, str],
+                    source: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """Apply ``{"table.key": value}`` overrides to a plan's nested ``data`` in place (``None`` = not given,
+    :data:`UNSET` = remove an optional key); a model other than ``data``'s drops its pinned
+    ``lora.expected_trainable_params`` unless the overrides set it. Returns (errors, notes, origins)."""
     errors: list[str] = []
-    notes = list(plan.notes)
-    new_model = overrides.get("model.id")
-    pinned = plan.lora.expected_trainable_params
-    if (isinstance(new_model, str) and new_model != plan.model.id and pinned is not None
+    notes: list[str] = []
+    origins: dict[str, str] = {}
+    new_model, old_model = overrides.get("model.id"), data.get("model", {}).get("id")
+    pinned = data.get("lora", {}).get("expected_trainable_params")
+    if (isinstance(new_model, str) and new_model != old_model and pinned is not None
             and overrides.get("lora.expected_trainable_params") is None):
-        data["lora"].pop("expected_trainable_params", None)
-        notes.append(f"lora.expected_trainable_params = {pinned:,} from {plan.source} was counted for "
-                     f"{plan.model.id}, not {option_names.get('model.id', 'model.id')} {new_model}: not compared "
+        data["lora"].pop("expected_trainable_params")   # counted for the file's model, not the one given
+        notes.append(f"lora.expected_trainable_params = {pinned:,} from {source} was counted for {old_model}, "
+                     f"not {option_names.get('model.id', 'model.id')} {new_model}: not compared "
                      f"(pin one with --expected-trainable N)")
     for dotted, value in overrides.items():
         if value is None:
             continue
         table, _, key = dotted.partition(".")
+        name = option_names.get(dotted, dotted)
         if table not in SCHEMA or key not in SCHEMA[table]:
-            errors.append(f"{option_names.get(dotted, dotted)}: not a plan field")
+            errors.append(f"{name}: not a plan field")
             continue
         if value is UNSET:
             if key in REQUIRED[table]:
-                errors.append(f"{option_names.get(dotted, dotted)} none is invalid; {dotted} is required")
+                errors.append(f"{name} none is invalid; {dotted} is required")
             else:
-                data[table].pop(key, None)
+                data.setdefault(table, {}).pop(key, None)
+                origins[dotted] = f"command line: {name} none"
             continue
         validator, allowed = SCHEMA[table][key]
         if not validator(value):
-            errors.append(f"{option_names.get(dotted, dotted)} {value!r} is invalid; expected {allowed}")
+            errors.append(f"{name} {value!r} is invalid; expected {allowed}")
             continue
-        data[table][key] = value
-    source = plan.source + (" + command-line overrides" if overrides else "")
-    errors = errors or _cross_field(data, source)
-    if errors:
-        raise PlanError(errors)
-    return dataclasses.replace(_build(data, source, notes), origins={
-        **plan.origins, **{k: f"command line: {option_names.get(k, k)}" for k, v in overrides.items() if v is not None}})
+        data.setdefault(table, {})[key] = value
+        origins[dotted] = f"command line: {name}"
+    return errors, notes, origins
 
 
 def default_plan() -> Plan:
