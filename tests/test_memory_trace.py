@@ -206,3 +206,39 @@ def test_moe_target_parameters_are_traced():
     assert e.components["lora_weights"] <= lora * 4 + layers * 3 * 2 * 512    # 512-byte rounding per A and B
     plain = trace_step(cfg, shape.with_(target_parameters=()))
     assert e.predicted_peak_bytes > plain.predicted_peak_bytes
+
+
+@pytest.mark.parametrize("kw", [
+    dict(quantization="4bit", dtype="bf16", weights_dtype="bf16", prepare_kbit=True, gradient_checkpointing=True,
+         checkpointing_reentrant=True),           # bitsandbytes casts Linear4bit's bias on its first forward
+    dict(targets=("c_attn", "c_fc"), modules_to_save=("lm_head",)),
+])
+def test_steady_state_shortcut_equals_a_full_first_step(monkeypatch, kw):
+    """The trace reaches step 2's state with a one-token forward and an optimizer step on zero gradients instead of
+    a whole training step: the peak, its components and the allocator overhead must be what a full warm-up step
+    gives."""
+    import torch.nn as nn
+    from transformers import GPT2Config
+
+    import kolora_probe.memory.trace as trace_mod
+
+    cfg = GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=3000, n_positions=256, bos_token_id=0,
+                     eos_token_id=0)
+    shape = StepShape(batch_size=2, seq_len=32, **{"targets": ("c_attn", "c_proj", "c_fc"), **kw})
+    fast = trace_step(cfg, shape)
+    calls = []
+
+    def full_first_step(model: nn.Module, opt, autocast) -> None:
+        calls.append(1)
+        ids = torch.zeros((shape.batch_size, shape.seq_len), dtype=torch.long)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    monkeypatch.setattr(trace_mod, "reach_steady_state", full_first_step)
+    slow = trace_step(cfg, shape)
+    assert calls == [1]
+    assert (fast.predicted_peak_bytes, dict(fast.components), fast.peak_op, fast.allocator_overhead_bytes) == \
+        (slow.predicted_peak_bytes, dict(slow.components), slow.peak_op, slow.allocator_overhead_bytes)

@@ -717,6 +717,26 @@ def _head_module_names(model: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def reach_steady_state(model: Any, opt: Any, autocast: Any) -> None:
+    """Bring the model and ``opt`` to the state a first training step leaves, for the price of a tiny forward.
+
+    * One no-grad forward of a single token under the step's autocast: what modules change on their first call
+      persists (bitsandbytes' Linear4bit casts its bias to the input dtype in place, for one), as after step 1.
+    * One ``opt.step()`` on zero gradients: the optimizer creates exactly the state tensors (AdamW's step /
+      exp_avg / exp_avg_sq, ...) its real first step creates, with its own code, without a backward pass.
+    """
+    import torch
+
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    with torch.no_grad(), autocast:
+        model(input_ids=ids)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEstimate:
     """Peak bytes of one steady-state training step of ``shape`` on the model of ``config``, on fake tensors.
 
@@ -782,7 +802,7 @@ def trace_step(config: Any, shape: StepShape, *, cuda: bool = True) -> MemoryEst
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            one_step()  # warm-up: optimizer state exists afterwards (steady state), untracked
+            reach_steady_state(model, opt, autocast)  # untracked: what step 1 leaves behind
             mt = _tracker_class()(heads)
             mt.track_external(model, opt)
             with mt:
