@@ -68,7 +68,7 @@ PARTS_KEY = pytest.StashKey[list]()           # (temporary path, final path) of 
 INTERRUPT_KEY = pytest.StashKey[str]()        # "SIGINT" / "SIGTERM" when the run was stopped early
 SIGTERM_KEY = pytest.StashKey[object]()       # the SIGTERM handler to restore
 DOC_KEY = pytest.StashKey[dict]()             # the run document, built once at session finish
-CHARTS_KEY = pytest.StashKey[dict]()          # title → base64 PNG shown in the summary (memory breakdown)
+CHARTS_KEY = pytest.StashKey[dict]()          # title → SVG text shown inline in the summary (memory breakdown)
 SECRETS_KEY = pytest.StashKey[list]()
 GIVEN_KEY = pytest.StashKey[bool]()           # --reports-dir was given (no selection folder, no latest link)
 REPORT_NAMES = ("report.html", "junit.xml", "environment.json")
@@ -310,6 +310,11 @@ class Evidence:
     def image(self, title: str, png: bytes) -> None:
         self._item.stash[EXTRAS_KEY].append(("png", title, base64.b64encode(png).decode("ascii")))
 
+    def svg(self, title: str, svg: str) -> None:
+        """An SVG chart (text): an image in the test's extras; a memory breakdown also goes inline into the
+        summary at the top of the report."""
+        self._item.stash[EXTRAS_KEY].append(("svg", title, svg))
+
 
 def _plain(v: Any) -> str:
     """A JUnit property value: the value itself for scalars, compact JSON only for lists/dicts."""
@@ -460,14 +465,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                                            + redact_text(content, secrets)))
         elif kind == "text":
             extras.append(html_extras.text(redact_text(content, secrets), name=redact_text(title, secrets)))
-        else:
-            extras.append(html_extras.png(content, name=title))
+        elif kind == "svg":
+            content = redact_text(content, secrets)
+            extras.append(html_extras.svg(base64.b64encode(content.encode("utf-8")).decode("ascii"), name=title))
             if title.startswith("memory breakdown"):  # the summary shows one chart: measured if there is one
                 charts = item.config.stash[CHARTS_KEY]
                 if "measured" in title:
                     charts.clear()
                 if "measured" in title or not charts:
                     charts[title] = content
+        else:
+            extras.append(html_extras.png(content, name=title))
     report.extras = extras
 
 

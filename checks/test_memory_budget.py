@@ -19,7 +19,7 @@ def _gib(b: int | None) -> str:
 @pytest.mark.cpu
 def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
     """Predicted peak of one step ≤ budget; on failure the message names the largest batch size that fits."""
-    from kolora_probe.memory.budget import breakdown_chart_png
+    from kolora_probe.report.memory_chart import verdict_chart_svg
 
     v = memory_verdict
     e = v.estimate
@@ -37,14 +37,14 @@ def test_predicted_peak_fits_budget(plan, memory_verdict, evidence):
     evidence("trace_wall_s", round(e.wall_s, 2), unit="s")
     evidence.html("memory breakdown", html_table(["component", "MiB"],
                                                  [[k, f"{b / 2**20:,.1f}"] for k, b in e.components.items()]))
-    evidence.image("memory breakdown (predicted)", breakdown_chart_png(e, v.budget_bytes))
+    evidence.svg("memory breakdown (predicted)", verdict_chart_svg(v))
     assert v.fits, v.message()
 
 
 @pytest.mark.gpu
 def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evidence):
     """One real step on the GPU: max_memory_allocated ≤ budget (an OOM fails here with the numbers)."""
-    from kolora_probe.memory.budget import breakdown_chart_png
+    from kolora_probe.report.memory_chart import verdict_chart_svg
 
     m, v = memory_measurement, memory_verdict
     evidence("measured_peak_bytes", m.peak_allocated_bytes, expected=v.budget_bytes, unit="bytes",
@@ -56,8 +56,7 @@ def test_measured_peak_fits_budget(plan, memory_verdict, memory_measurement, evi
         evidence("measured_reserved_minus_allocated_bytes", m.peak_reserved_bytes - (m.peak_allocated_bytes or 0),
                  expected=v.allocator_overhead_bytes, unit="bytes",
                  note="allocator overhead measured vs predicted (replay of the traced step's allocations)")
-    evidence.image("memory breakdown (predicted vs measured)",
-                   breakdown_chart_png(v.estimate, v.budget_bytes, m.peak_allocated_bytes))
+    evidence.svg("memory breakdown (predicted vs measured)", verdict_chart_svg(v, m.peak_allocated_bytes))
     if m.oom:
         pytest.fail(f"the plan's step ran out of GPU memory ({m.error}); peak allocated before the failure "
                     f"{_gib(m.peak_allocated_bytes)}, predicted {_gib(v.predicted_peak_bytes)}, budget "

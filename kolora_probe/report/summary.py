@@ -22,7 +22,7 @@ body>h1{order:-3} body>p:first-of-type{order:-2} body>.summary{order:-1}
 .kp-num{text-align:right;font-variant-numeric:tabular-nums}
 .kp-pass{background:#dff0d8}.kp-fail{background:#f2dede}.kp-skip{background:#fcf8e3}.kp-warn{background:#fcf8e3}
 .kp-verdict{font-size:1.3em;font-weight:bold;padding:6px 10px;display:inline-block;border-radius:4px}
-.kp-chart{width:100%;max-width:900px;border:1px solid #ccc;margin:4px 0 10px 0}
+.kp-chart{max-width:900px;margin:4px 0 10px 0}.kp-chart svg{max-width:100%;height:auto;border:1px solid #ccc}
 .kp-blocked{color:#555;font-size:0.95em}
 .logwrapper:not(:has(.log)){display:none}
 </style>"""
@@ -85,7 +85,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> str:
-    """The summary block; ``images``: title → base64 PNG of the checks' charts (the memory breakdown)."""
+    """The summary block; ``images``: title → SVG text of the checks' charts (the memory breakdown), inline."""
     s = doc.get("summary", {})
     v = doc.get("verdict") or {"status": "NOT READY", "text": "NOT READY"}
     parts = [_STYLE, "<div class='kp-summary'>",
@@ -155,9 +155,9 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
             mem += [(f"· {k}", human_bytes(b) if isinstance(b, (int, float)) else str(b))
                     for k, b in comps["actual"].items()]
         parts.append("<h3>Memory</h3>" + _table(mem))
-    for title, b64 in (images or {}).items():
-        parts.append(f"<div><b>{_e(title)}</b><br><img class='kp-chart' alt='{_e(title)}' "
-                     f"src='data:image/png;base64,{b64}'></div>")
+    for title, svg in (images or {}).items():
+        parts.append(f"<div><b>{_e(title)}</b><br><div class='kp-chart' role='img' aria-label='{_e(title)}'>"
+                     f"{svg}</div></div>")
 
     findings = _findings(doc)
     if findings:
