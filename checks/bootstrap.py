@@ -10,7 +10,8 @@ The plugin (``kolora_probe_checks.plugin``, with ``--plan``, ``--model``, … an
   project's root. pytest chooses its rootdir and ini from every path on the command line before it knows the
   plugin's options, so ``/abs/dir`` makes it miss the project's ini; this entry point finds the ini from the
   directory pytest was started in, and when it asks for the plugin, restores that rootdir and ini and loads the
-  plugin before pytest parses the options (so ``/abs/dir`` is read as ``--model``'s value).
+  plugin before pytest parses the options (so ``/abs/dir`` is read as ``--model``'s value). A run that names its
+  ini (``-c FILE`` / ``--config-file FILE``) keeps it: nothing is loaded or restored then.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def pytest_addoption(parser, pluginmanager) -> None:  # noqa: ARG001 - pytest's 
     if pluginmanager.has_plugin(PLUGIN):
         return
     config = pluginmanager.get_plugin("pytestconfig")
-    if config is None:
+    if config is None or _names_its_ini(config.invocation_params.args):
         return
     try:
         from _pytest.config.findpaths import locate_config
@@ -36,3 +37,13 @@ def pytest_addoption(parser, pluginmanager) -> None:  # noqa: ARG001 - pytest's 
         config._rootpath, config._inipath, config._inicfg = rootdir, inipath, inicfg
         config._inicache.clear()
     pluginmanager.import_plugin(PLUGIN)
+
+
+def _names_its_ini(args) -> bool:
+    """The run chose its ini itself (``-c FILE``, ``-cFILE``, ``--config-file[=]FILE``): that choice stands."""
+    for a in map(str, args):
+        if a == "--":
+            break
+        if a in ("-c", "--config-file") or a.startswith("--config-file=") or (a.startswith("-c") and a[2:3] != "-"):
+            return True
+    return False

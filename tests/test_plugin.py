@@ -53,6 +53,21 @@ def test_users_own_model_option_still_works(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
+def test_an_ini_named_with_c_wins_over_the_invocation_dirs(tmp_path):
+    """From a directory whose pytest.ini loads the gate, `pytest -c other.ini` runs other.ini's tests only: the
+    entry point must not put the project's ini (and the gate's plugin) back."""
+    (tmp_path / "other.ini").write_text("[pytest]\naddopts = -q\n", encoding="utf-8")
+    (tmp_path / "test_mine.py").write_text(
+        "def test_mine(pytestconfig):\n    assert not pytestconfig.pluginmanager.has_plugin("
+        "'kolora_probe_checks.plugin')\n", encoding="utf-8")
+    for form in (["-c", str(tmp_path / "other.ini")], [f"--config-file={tmp_path / 'other.ini'}"]):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *form,
+                               str(tmp_path / "test_mine.py")],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "1 passed" in proc.stdout and "kolora-probe reports" not in proc.stdout
+
+
 def test_check_command_runs_the_gate_anywhere(config_dir, tmp_path):
     """`kolora-probe check` from a directory outside the repo: pytest's exit code, reports in ./reports."""
     proc = subprocess.run([sys.executable, "-m", "kolora_probe", "check", "--model", str(config_dir),
