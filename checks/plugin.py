@@ -44,6 +44,7 @@ pytest_plugins = [
     "kolora_probe_checks.fixtures_monitor",
     "kolora_probe_checks.fixtures_structure",
     "kolora_probe_checks.fixtures_distributed",
+    "kolora_probe_checks.heap",
 ]
 
 CHECKS_DIR = Path(__file__).resolve().parent   # the shipped checks (this repo's checks/, or installed)
