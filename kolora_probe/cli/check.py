@@ -25,7 +25,8 @@ def pytest_args(user_args: list[str]) -> list[str]:
     import kolora_probe_checks
 
     checks_dir = Path(kolora_probe_checks.__file__).resolve().parent
-    argv = ["-p", PLUGIN, "-p", "no:cacheprovider", "-c", os.devnull, f"--rootdir={checks_dir}",
+    # no:anyio: the async-test plugin anyio registers (it comes with huggingface_hub's httpx) serves no check here
+    argv = ["-p", PLUGIN, "-p", "no:cacheprovider", "-p", "no:anyio", "-c", os.devnull, f"--rootdir={checks_dir}",
             f"--confcutdir={checks_dir}", "-ra", "-W", "ignore::DeprecationWarning"]
     return [*argv, *user_args, str(checks_dir)]
 
