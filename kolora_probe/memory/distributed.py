@@ -248,7 +248,9 @@ def trace_fsdp_step(config: Any, shape: StepShape, world_size: int, *, reshard_a
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        one_step()   # warm-up: optimizer state exists afterwards (steady state)
+        # warm-up: optimizer state exists afterwards (steady state). A whole step, not trace.reach_steady_state: a
+        # no-grad forward leaves FSDP2's parameters unsharded when reshard_after_forward is False.
+        one_step()
         fmt = FSDPMemTracker(model, opt)
         with fmt:
             one_step()

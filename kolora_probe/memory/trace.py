@@ -6,7 +6,8 @@ How (details and measurements: /work/shared/notes/memory-estimation.md):
   optionally with bitsandbytes ``Linear4bit`` layers (NF4, double quantization) in place of the Linear/Conv1D
   layers transformers would quantize, then wrapped with PEFT LoRA exactly as the plan says.
 * Every parameter and buffer is converted to a ``FakeTensor`` on the CPU (``FakeTensorMode``): shapes, dtypes
-  and storages exist, no memory does. One warm-up step creates the optimizer state untracked; the second step
+  and storages exist, no memory does. :func:`reach_steady_state` brings model and optimizer to the state a first
+  step leaves, untracked (a one-token no-grad forward, an optimizer step on zero gradients); the traced step
   (forward with labels, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``) runs under PyTorch's
   ``torch.distributed._tools.mem_tracker.MemTracker``, which follows every storage's lifetime.
 * :class:`_LoRAMemTracker` adapts MemTracker: upstream registers gradient hooks on every parameter and raises on
