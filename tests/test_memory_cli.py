@@ -71,6 +71,36 @@ def test_estimate_closed_form_and_overrides(ko_dir):
     assert d["components"]["lora_weights"] == 12 * 8 * (768 + 2304) * 4
 
 
+def test_stack_options_override_the_plan_and_change_the_trace(ko_dir):
+    """The plan's stack keys have options too: --no-prepare-kbit on the QLoRA plan keeps the non-quantized params
+    in bf16 (smaller than PEFT's fp32 cast); --attn-implementation / --fused-cross-entropy reach the traced shape."""
+    base = ("--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--model", str(ko_dir), "--json",
+            "--batch-size", "1", "--seq-len", "64")
+    runs = {}
+    for name, extra in {"default": (), "no-prepare": ("--no-prepare-kbit",),
+                        "stack": ("--attn-implementation", "eager", "--fused-cross-entropy", "--trl-casting",
+                                  "--adapter-dtype", "bf16", "--no-checkpointing-reentrant")}.items():
+        p = cli(*base, *extra)
+        assert p.returncode == 0, p.stderr
+        runs[name] = json.loads(p.stdout)
+    assert runs["default"]["shape"]["prepare_kbit"] is True and runs["no-prepare"]["shape"]["prepare_kbit"] is False
+    assert runs["no-prepare"]["predicted_peak_bytes"] < runs["default"]["predicted_peak_bytes"]
+    assert runs["no-prepare"]["components"]["frozen_weights"] < runs["default"]["components"]["frozen_weights"]
+    stack = runs["stack"]["shape"]
+    assert (stack["attn_implementation"], stack["fused_cross_entropy"], stack["trl_casting"], stack["adapter_dtype"],
+            stack["checkpointing_reentrant"]) == ("eager", True, True, "bf16", False)
+    p = cli(*base, "--adapter-dtype", "fp8")
+    assert p.returncode == 2 and our_lines(p.stderr) == [
+        "kolora-probe estimate: plan error: --adapter-dtype 'fp8' is invalid; expected one of 'fp32', 'bf16', 'fp16'"]
+
+
+def test_plan_show_names_the_negated_flag(tmp_path):
+    p = run_cli("plan", "show", "--plan", str(ROOT / "plans" / "kogpt2-qlora.toml"), "--no-prepare-kbit",
+                "--budget-gib", "8")
+    assert p.returncode == 0, p.stderr
+    assert "prepare_kbit = false  # command line: --no-prepare-kbit" in p.stdout
+
+
 def test_estimate_bad_input_is_one_line(ko_dir, tmp_path):
     p = cli("--model", str(ko_dir), "--targets", "c_atn")
     assert p.returncode == 2 and "close names: c_attn" in our_lines(p.stderr)[0]

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kolora_probe.plan.schema import DEFAULT_PLAN_PATH, DTYPES, OPTIMIZERS, QUANTIZATIONS, STRATEGIES, UNSET, Plan
+from kolora_probe.plan.schema import (ADAPTER_DTYPES, ATTN_IMPLEMENTATIONS, DEFAULT_PLAN_PATH, DTYPES, OPTIMIZERS,
+                                      QUANTIZATIONS, STRATEGIES, UNSET, Plan)
 
 
 def _csv(value: str) -> list[str]:
@@ -58,6 +59,27 @@ PLAN_OPTIONS: tuple[PlanOption, ...] = (
     PlanOption("--optimizer", "training.optimizer", str, "overrides [training].optimizer", OPTIMIZERS),
     PlanOption("--gradient-checkpointing", "training.gradient_checkpointing", None,
                "overrides [training].gradient_checkpointing", boolean=True),
+    PlanOption("--double-quant", "training.double_quant", None,
+               "4-bit: quantize the quantization constants too (overrides [training].double_quant)", boolean=True),
+    PlanOption("--use-cache", "training.use_cache", None,
+               "transformers' KV cache during the training forward (overrides [training].use_cache)", boolean=True),
+    # the stack as users run it (memory): what PEFT / TRL / transformers do around the step
+    PlanOption("--prepare-kbit", "training.prepare_kbit", None,
+               "PEFT prepare_model_for_kbit_training (non-quantized params in fp32; default: on for 4/8-bit) "
+               "(overrides [training].prepare_kbit)", boolean=True),
+    PlanOption("--checkpointing-reentrant", "training.checkpointing_reentrant", None,
+               "torch.utils.checkpoint(use_reentrant=...) (default: reentrant with prepare_kbit) "
+               "(overrides [training].checkpointing_reentrant)", boolean=True),
+    PlanOption("--trl-casting", "training.trl_casting", None,
+               "TRL SFTTrainer's bf16 casting of embeddings/head after prepare_kbit "
+               "(overrides [training].trl_casting)", boolean=True),
+    PlanOption("--adapter-dtype", "training.adapter_dtype", str,
+               "LoRA weights' dtype (overrides [training].adapter_dtype)", ADAPTER_DTYPES),
+    PlanOption("--attn-implementation", "training.attn_implementation", str,
+               "attention kernel (overrides [training].attn_implementation)", ATTN_IMPLEMENTATIONS),
+    PlanOption("--fused-cross-entropy", "training.fused_cross_entropy", None,
+               "Liger-style fused linear cross-entropy: no b·s·V logits (overrides [training].fused_cross_entropy)",
+               boolean=True),
     PlanOption("--budget-gib", "budget.gpu_memory_gib", float, "GPU memory budget in GiB (overrides [budget].gpu_memory_gib)"),
     PlanOption("--strategy", "distributed.strategy", str, "multi-GPU strategy (overrides [distributed].strategy)", STRATEGIES),
     PlanOption("--world-size", "distributed.world_size", int, "ranks in all (overrides [distributed].world_size)"),
@@ -102,7 +124,7 @@ def overrides_from(get: Callable[[str], Any]) -> tuple[dict[str, Any], dict[str,
         v = get(opt.dest)
         if v is not None:
             values[opt.key] = v
-            names[opt.key] = opt.flag
+            names[opt.key] = ("--no-" + opt.flag[2:]) if opt.boolean and v is False else opt.flag
     return values, names
 
 
