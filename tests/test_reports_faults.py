@@ -269,3 +269,25 @@ def test_human_units_beside_raw_numbers():
 
     assert human(3 * 2**30, "bytes") == f"3.00 GiB ({3 * 2**30:,} bytes)"
     assert human(1234567) == "1,234,567" and human(None) == "—" and human("") == "—"
+
+
+def test_a_plan_with_200k_targets_keeps_the_reports_small(tmp_path):
+    """A plan listing 200,000 target modules (a generated config gone wrong): the plan check fails with one short
+    line, and environment.json / report.html carry the first 1,000 targets and say how many were left out, instead
+    of megabytes of names."""
+    from kolora_probe.plan.schema import DEFAULT_PLAN_PATH
+
+    text = DEFAULT_PLAN_PATH.read_text(encoding="utf-8")
+    targets = ", ".join(f'"layer{i}.proj"' for i in range(200_000))
+    plan = tmp_path / "huge.toml"
+    plan.write_text(re.sub(r"target_modules\s*=\s*\[[^\]]*\]", f"target_modules = [{targets}]", text),
+                    encoding="utf-8")
+    assert plan.stat().st_size > 3_000_000
+    run = run_suite("checks/test_plan.py", "checks/test_lora.py", f"--plan={plan}", reports=tmp_path / "reports")
+    doc = json.loads((run.reports / "environment.json").read_text(encoding="utf-8"))
+    shown = doc["plan"]["lora"]["target_modules"]
+    assert len(shown) == 1001 and shown[0] == "layer0.proj"
+    assert shown[-1] == "… 199,000 more of 200,000 items not shown"
+    assert (run.reports / "environment.json").stat().st_size < 300_000
+    html_text = (run.reports / "report.html").read_text(encoding="utf-8")
+    assert len(html_text) < 1_500_000 and "and 199,980 more" in html_text

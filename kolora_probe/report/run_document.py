@@ -11,6 +11,24 @@ from kolora_probe.env.facts import collect_environment
 from kolora_probe.plan.schema import Plan
 
 SCHEMA_VERSION = 1
+MAX_LIST_ITEMS = 1000      # a plan's list (e.g. 200,000 target modules) is kept to this many items in the report
+MAX_STRING_CHARS = 10_000  # and a plan's string to this many characters
+
+
+def bounded(value: Any, max_items: int = MAX_LIST_ITEMS, max_chars: int = MAX_STRING_CHARS) -> Any:
+    """``value`` (JSON-like) with every list longer than ``max_items`` cut to its first ``max_items`` items plus
+    one string saying how many were left out, and every string longer than ``max_chars`` cut likewise: the
+    report of a plan with a huge target list stays readable and small; the checks see the whole plan."""
+    if isinstance(value, dict):
+        return {k: bounded(v, max_items, max_chars) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [bounded(v, max_items, max_chars) for v in value[:max_items]]
+        if len(value) > max_items:
+            items.append(f"… {len(value) - max_items:,} more of {len(value):,} items not shown")
+        return items
+    if isinstance(value, str) and len(value) > max_chars:
+        return value[:max_chars] + f"… ({len(value) - max_chars:,} more characters not shown)"
+    return value
 
 
 def family_summary(checks: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -94,9 +112,9 @@ def build_run_document(*, plan: Plan | None, plan_errors: list[str], overrides: 
                            interrupt_reason=interrupt_reason, problems=problems),
         "problems": list(problems or []),
         "selection": markexpr,
-        "plan": plan.to_dict() if plan is not None else None,
+        "plan": bounded(plan.to_dict()) if plan is not None else None,
         "plan_errors": list(plan_errors),
-        "overrides": overrides,
+        "overrides": bounded(overrides),
         "environment": env,
         "summary": {"total": len(checks), **{k: counts.get(k, 0) for k in ("passed", "failed", "error", "skipped")},
                     "families": family_summary(checks)},

@@ -7,6 +7,7 @@ failures grouped by root cause. Numbers carry human units beside the raw value.
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
 _STYLE = """<style>
@@ -31,6 +32,17 @@ _CLASS = {"READY": "kp-pass", "NOT READY": "kp-fail", "INCOMPLETE": "kp-warn"}
 
 def _e(v: Any) -> str:
     return html.escape(str(v))
+
+
+def _first(items: Any, n: int = 20) -> str:
+    """A list as Python shows it, its first ``n`` items only (a plan may list thousands of targets)."""
+    items = list(items or [])
+    total = len(items)
+    if items and isinstance(items[-1], str) and items[-1].startswith("… "):   # cut by run_document.bounded
+        m = re.search(r"of ([\d,]+) items not shown", items.pop())
+        total = int(m.group(1).replace(",", "")) if m else len(items)
+    more = total - min(n, len(items))
+    return str(items[:n]) + (f" … and {more:,} more" if more > 0 else "")
 
 
 def human_bytes(b: float) -> str:
@@ -97,7 +109,7 @@ def summary_html(doc: dict[str, Any], images: dict[str, str] | None = None) -> s
         m, lo, t, b = plan["model"], plan["lora"], plan["training"], plan["budget"]
         rows += [("Plan", plan.get("source")), ("Model", f"{m['id']} @ {m['revision']}"),
                  ("LoRA", f"r={lo['r']} alpha={lo['alpha']:g} dropout={lo['dropout']:g} "
-                          f"targets={list(lo['target_modules'])}"),
+                          f"targets={_first(lo['target_modules'])}"),
                  ("Training", f"{t['dtype']} (weights {t['weights_dtype']}), quantization {t['quantization']}, "
                               f"batch {t['batch_size']} × seq {t['seq_len']}, grad ckpt {t['gradient_checkpointing']}, "
                               f"{t['optimizer']}"),
