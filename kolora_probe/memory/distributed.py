@@ -417,7 +417,7 @@ def measure_ddp_step(config: Any, shape: StepShape, device: str = "cpu") -> Any:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from kolora_probe.memory.measure import measure_callable, resident_bytes
+    from kolora_probe.memory.measure import measure_callable, resident_bytes, training_step
     from kolora_probe.memory.trace import build_step_model, make_optimizer
     from kolora_probe.model.meta import autocast_for
 
@@ -427,16 +427,7 @@ def measure_ddp_step(config: Any, shape: StepShape, device: str = "cpu") -> Any:
     opt = make_optimizer(model, shape, cuda=cuda, traced=False)
     vocab = int(getattr(model.config, "vocab_size", 100))
     ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len), device=device)
-    autocast = autocast_for(device, shape.dtype)
-
-    def step() -> None:
-        with autocast:
-            loss = ddp(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
-
+    step = training_step(ddp, opt, ids, autocast_for(device, shape.dtype))
     step()   # warm-up
     gc.collect()
     buckets = sum(b.buffer().numel() * b.buffer().element_size() for b in ddp.reducer._get_zeros_like_grad_buckets())

@@ -201,6 +201,20 @@ def _build_4bit_cuda(config: Any, shape: StepShape, device: str) -> Any:
     return add_lora(model, shape)
 
 
+def training_step(forward: Any, opt: Any, ids: Any, autocast: Any) -> Callable[[], None]:
+    """One real training step as a callable: ``forward`` (the model, or its DDP wrapper) on ``ids`` as inputs and
+    labels under ``autocast``, backward, ``opt.step()``, ``zero_grad(set_to_none=True)``."""
+    def step() -> None:
+        with autocast:
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+
+    return step
+
+
 def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurement:
     """Build the plan's model with LoRA on ``device``, run a warm-up step, then measure one step."""
     import torch
@@ -221,16 +235,7 @@ def measure_step(config: Any, shape: StepShape, device: str = "cpu") -> Measurem
         holder["opt"] = opt = make_optimizer(model, shape, cuda=cuda, traced=False)
         vocab = int(getattr(model.config, "vocab_size", 100))
         holder["ids"] = ids = torch.randint(0, vocab, (shape.batch_size, shape.seq_len), device=device)
-        autocast = autocast_for(device, shape.dtype)
-
-        def step() -> None:
-            with autocast:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-
+        step = training_step(model, opt, ids, autocast_for(device, shape.dtype))
         step()  # warm-up
         gc.collect()
         return measure_callable(step, device, baseline=lambda: resident_bytes(model, opt, ids),
