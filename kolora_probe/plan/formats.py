@@ -181,6 +181,14 @@ def _targets(value: Any) -> list[str] | None:
     return None
 
 
+def _lora_extra_lists(r, d: dict) -> None:
+    """``lora_modules_to_save`` and ``lora_target_parameters`` (axolotl and TRL spell them alike)."""
+    for key, dotted in (("lora_modules_to_save", "lora.modules_to_save"),
+                        ("lora_target_parameters", "lora.target_parameters")):
+        if d.get(key):
+            r.set(dotted, _targets(d[key]), key)
+
+
 def _set_quant_4bit(r: Reading, quant_type_key: str, quant_type: Any) -> None:
     if quant_type is not None and str(quant_type).lower() != "nf4":
         r.note(quant_type_key, f"4-bit type {quant_type!r} is not modelled (the checks use NF4; the memory is the same)")
@@ -303,10 +311,7 @@ def read_axolotl(path: str, d: Mapping[str, Any]) -> Reading:
                                           f"module that is not a Linear layer is not counted")
     elif mods:
         r.set("lora.target_modules", mods, "lora_target_modules")
-    if d.get("lora_modules_to_save"):
-        r.set("lora.modules_to_save", _targets(d["lora_modules_to_save"]), "lora_modules_to_save")
-    if d.get("lora_target_parameters"):
-        r.set("lora.target_parameters", _targets(d["lora_target_parameters"]), "lora_target_parameters")
+    _lora_extra_lists(r, d)
     # quantization
     if d.get("load_in_4bit") or adapter == "qlora":
         r.set("training.quantization", "4bit", "load_in_4bit: true" if d.get("load_in_4bit") else "adapter: qlora")
@@ -474,10 +479,7 @@ def read_training_args(path: str, d: Mapping[str, Any], fmt: str) -> Reading:
         mods = _targets(d.get("lora_target_modules"))
         if mods:
             r.set("lora.target_modules", mods, "lora_target_modules")
-        if d.get("lora_modules_to_save"):
-            r.set("lora.modules_to_save", _targets(d["lora_modules_to_save"]), "lora_modules_to_save")
-        if d.get("lora_target_parameters"):
-            r.set("lora.target_parameters", _targets(d["lora_target_parameters"]), "lora_target_parameters")
+        _lora_extra_lists(r, d)
         _note_if(r, d, ("use_dora",), "DoRA adds a magnitude vector per adapted layer: the counts and memory are LoRA's")
     elif lora_keys:
         r.note(", ".join(lora_keys), "ignored: use_peft is not true, so TRL's CLI trains the full model; set "
