@@ -59,6 +59,8 @@ class ModelFacts:
     head_adapted: bool
     tied_head: bool
     lora_r: int
+    embed_bytes: int = 0               # bytes per element of the input embedding (fp32 after prepare_kbit); 0: weights'
+    head_bytes: int = 0                # bytes per element of the output head's weight; 0: the weights' dtype
 
 
 def _role(name: str) -> str | None:
@@ -134,7 +136,7 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
             seen.add(id(mod.weight))
             if mod.bias is not None and id(mod.bias) not in seen:
                 seen.add(id(mod.bias))
-                frozen += round_block(mod.bias.numel() * wbytes)
+                frozen += round_block(mod.bias.numel() * wbytes)   # bitsandbytes casts it on the first call
     lora: list[int] = []
     for p in model.parameters():
         if id(p) in seen:
@@ -142,8 +144,8 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
         seen.add(id(p))
         if p.requires_grad:
             lora.append(p.numel())
-        else:
-            frozen += round_block(p.numel() * wbytes)
+        else:   # its own dtype: prepare_kbit keeps norms, embeddings and head in fp32, TRL's casting some in bf16
+            frozen += round_block(p.numel() * p.element_size())
     adapted: set[str] = set()
     lowest = None
     head = base.get_output_embeddings()
@@ -162,6 +164,10 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
         if role:
             adapted.add(role)
     act = str(first("activation_function", "hidden_act", default="gelu"))
+    embed = base.get_input_embeddings()
+    head_w = getattr(head, "base_layer", head)
+    embed_bytes = embed.weight.element_size() if embed is not None and hasattr(embed, "weight") else wbytes
+    head_bytes = head_w.weight.element_size() if head_w is not None and hasattr(head_w, "weight") else wbytes
     return ModelFacts(
         model_type=str(getattr(text, "model_type", "")), hidden=hidden, layers=first("num_hidden_layers", "n_layer"),
         heads=heads, kv_heads=first("num_key_value_heads", default=heads), ffn=ffn,
@@ -169,7 +175,8 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
         gelu_new=act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"), frozen_weight_bytes=frozen,
         quantized_bytes=quant_bytes, lora_numels=tuple(lora), adapted=frozenset(adapted),
         lowest_adapted_layer=lowest, head_adapted=head_adapted,
-        tied_head=bool(getattr(text, "tie_word_embeddings", False)), lora_r=shape.r)
+        tied_head=bool(getattr(text, "tie_word_embeddings", False)), lora_r=shape.r, embed_bytes=embed_bytes,
+        head_bytes=head_bytes)
 
 
 def _dtypes(f: ModelFacts, s: StepShape) -> tuple[int, int, int, bool]:
@@ -266,7 +273,7 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
     ew, ec, _, autocast = _dtypes(f, s)
     bwd = 3 * R(TV * 4)                               # log_softmax out + NLL grad + log_softmax grad (fp32)
     extra = 0
-    if body_in_scope and autocast and ew != ec:
+    if body_in_scope and autocast and (f.head_bytes or ew) != ec:
         extra += R(f.vocab * f.hidden * ec)           # low-precision copy of the head weight, saved for the input grad
     if f.head_adapted:
         drop = s.lora_dropout > 0
@@ -297,7 +304,7 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
     if shape.gradient_checkpointing and n_scope:
         # each checkpointed layer keeps only its input (the first one the embedding output, in the weight dtype);
         # HF's checkpointing makes the embedding output require grad, so its dropout mask and input stay too
-        comp["activations"] = (n_scope - 1) * R(m * res) + 2 * R(m * ew) + R(m)
+        comp["activations"] = (n_scope - 1) * R(m * res) + 2 * R(m * (facts.embed_bytes or ew)) + R(m)
     else:
         comp["activations"] = n_scope * _layer_bytes(facts, shape)
     if n_scope:
