@@ -24,6 +24,13 @@ GRID = {
     "qlora-plan-stack": dict(quantization="4bit", dtype="bf16", weights_dtype="bf16", gradient_checkpointing=True,
                              prepare_kbit=True, checkpointing_reentrant=True, targets=("c_attn", "c_proj", "c_fc")),
     "qlora-prepare-kbit": dict(quantization="4bit", dtype="bf16", weights_dtype="bf16", prepare_kbit=True),
+    # Liger's fused linear cross-entropy: no b·s·V logits; with checkpointing the peak is a layer's recomputation
+    "fused-ce-bf16": dict(dtype="bf16", fused_cross_entropy=True, targets=("c_attn", "c_proj", "c_fc")),
+    "fused-ce-bf16-ckpt": dict(dtype="bf16", fused_cross_entropy=True, gradient_checkpointing=True,
+                               targets=("c_attn", "c_proj", "c_fc")),
+    "fused-ce-qlora-plan-stack": dict(quantization="4bit", dtype="bf16", weights_dtype="bf16",
+                                      gradient_checkpointing=True, prepare_kbit=True, checkpointing_reentrant=True,
+                                      fused_cross_entropy=True, targets=("c_attn", "c_proj", "c_fc")),
     "qlora-trl-casting": dict(quantization="4bit", dtype="bf16", weights_dtype="bf16", gradient_checkpointing=True,
                               prepare_kbit=True, trl_casting=True),
     "b1-s128": dict(batch_size=1, seq_len=128),

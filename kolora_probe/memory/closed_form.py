@@ -271,6 +271,8 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
     T = s.batch_size * s.seq_len
     TV = T * f.vocab
     ew, ec, _, autocast = _dtypes(f, s)
+    if s.fused_cross_entropy:
+        return _fused_ce_peak(f, s, body_in_scope)
     bwd = 3 * R(TV * 4)                               # log_softmax out + NLL grad + log_softmax grad (fp32)
     extra = 0
     if body_in_scope and autocast and (f.head_bytes or ew) != ec:
@@ -283,6 +285,25 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
         if fwd > bwd:
             return fwd + extra, "forward", "LoRA output + base logits in lm_head"
     return bwd + extra, "backward", "aten._log_softmax_backward_data (fp32 logits)"
+
+
+def _fused_ce_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, str, str]:
+    """Liger's fused linear cross-entropy (see :func:`kolora_probe.memory.trace._fused_linear_ce_function`): at the
+    end of the forward the shifted hidden states (a contiguous copy), the gradient w.r.t. them and the per-token
+    loss are live, plus one chunk of logits (chunk = next power of two of BT / ⌈V/H⌉ rows) and its product with
+    the head weight; no b·s·V tensor exists."""
+    R = round_block
+    ew, ec, _, autocast = _dtypes(f, s)
+    bt = s.batch_size * (s.seq_len - 1)
+    h, v = f.hidden, f.vocab
+    xb = 4 if autocast else ew                        # the final norm's output: fp32 under autocast
+    mb = ec if autocast else ew                       # the matmuls' dtype
+    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(bt / math.ceil(v / h))))))
+    chunk = min(chunk, bt)
+    peak = 2 * R(bt * h * xb) + R(bt * 4) + R(chunk * v * mb) + R(chunk * h * mb)
+    if autocast and (f.head_bytes or ew) != ec:
+        peak += R(v * h * ec)                         # the autocast copy of the head weight
+    return peak, "forward", "fused linear cross-entropy (one chunk of logits)"
 
 
 def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
@@ -314,7 +335,12 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
     if shape.gradient_checkpointing and n_scope:
         # later in backward the loss tensors are gone and one layer is recomputed at a time (plus the residual
         # gradient flowing in and out); with a small vocabulary that can be the peak instead
-        recompute = _layer_bytes(facts, shape) + 2 * R(m * res)
+        # + the gradient of the MLP's inner activation the backward holds while it runs through the layer (fp32
+        # from the activation's backward and its copy in the compute dtype; gate and up for a gated MLP)
+        ff = T * facts.ffn
+        _, ec, _, _ = _dtypes(facts, shape)
+        recompute = (_layer_bytes(facts, shape) + 2 * R(m * res)
+                     + (R(ff * 4) + R(ff * ec)) * (2 if facts.gated_mlp else 1))
         if recompute > head:
             comp["logits_and_loss"] = 0
             comp["activations"] += recompute
