@@ -3,8 +3,8 @@
 A gate process holds millions of long-lived objects: the module state of torch (with torch._dynamo, torch._inductor
 and sympy, which bitsandbytes and transformers import), transformers, peft, and the session's model. None of it
 becomes garbage, but the cyclic collector re-scans all of it on every full collection during the run, once more in
-pytest's unconfigure, and again in the passes at interpreter exit. On a full-size KoGPT-2 gate that was about a
-fifth of the wall time (measured: ``benchmarks/gate_speed.py``). So:
+pytest's unconfigure, and again in the passes at interpreter exit. On a full-size KoGPT-2 gate that was about
+15 % of the wall time (6.4 s → 5.5 s, medians of 4 paired runs). So:
 
 * after each check: a collection (it only scans what was created since the last freeze: the check's own objects,
   so its cyclic garbage, GPU tensors included, is freed now), then ``gc.freeze()`` of what is left;
