@@ -149,9 +149,8 @@ def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = 
 def _closed_form_gaps(shape: StepShape) -> tuple[str, ...]:
     """A note naming the plan's stack settings the closed form does not model (only the trace does). It models
     prepare_kbit and trl_casting (each weight in its own dtype, the fp32 embedding output, the head weight's copy)
-    and Liger's fused cross-entropy (one chunk of logits)."""
-    gaps = [k for k, on in (("attn_implementation=eager", shape.attn_implementation == "eager"),
-                            (f"adapter_dtype={shape.adapter_dtype}", shape.adapter_dtype != "fp32")) if on]
+    and Liger's fused cross-entropy (one chunk of logits) and eager attention (the b·h·s² probabilities)."""
+    gaps = [k for k, on in ((f"adapter_dtype={shape.adapter_dtype}", shape.adapter_dtype != "fp32"),) if on]
     return (f"the closed form does not model {', '.join(gaps)} (the trace does): expect it to be low",) if gaps else ()
 
 

@@ -18,6 +18,9 @@ peak = resident + saved activations + max(head/loss peak)  (every term in bytes,
   arXiv:2205.14135) instead of the b·a·s² scores, (c) fused dropout keeps 1-byte masks, (d) CUDA autocast runs
   GPT-2's ``gelu_new`` pow/tanh in fp32 and keeps bf16 copies of the weights for backward.
   With gradient checkpointing (non-reentrant) each layer keeps only its input; one layer is recomputed at a time.
+  ``attn_implementation = "eager"`` keeps the b·h·s² probabilities instead (softmax output, dropout mask and output,
+  or the compute-dtype copy under autocast). The stack keys are modelled as the trace sees them: each frozen weight
+  in its own dtype (prepare_kbit / TRL casting), Liger's fused cross-entropy as one chunk of logits.
 * **Head and loss** — ``ForCausalLMLoss`` upcasts the logits to fp32 and takes ``log_softmax``: at the
   backward of ``log_softmax`` three fp32 b·s·V tensors are live (its output, the NLL gradient, its input gradient);
   with LoRA on the head, the forward holds base output, scaled LoRA output and their sum in the compute dtype.
@@ -60,6 +63,7 @@ class ModelFacts:
     tied_head: bool
     lora_r: int
     embed_bytes: int = 0               # bytes per element of the input embedding (fp32 after prepare_kbit); 0: weights'
+    attn_dropout: float = 0.0          # attention-probability dropout in training (GPT-2's attn_pdrop)
     head_bytes: int = 0                # bytes per element of the output head's weight; 0: the weights' dtype
 
 
@@ -176,7 +180,8 @@ def model_facts(config: Any, shape: StepShape) -> ModelFacts:
         quantized_bytes=quant_bytes, lora_numels=tuple(lora), adapted=frozenset(adapted),
         lowest_adapted_layer=lowest, head_adapted=head_adapted,
         tied_head=bool(getattr(text, "tie_word_embeddings", False)), lora_r=shape.r, embed_bytes=embed_bytes,
-        head_bytes=head_bytes)
+        head_bytes=head_bytes,
+        attn_dropout=float(first("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob", default=0.0) or 0))
 
 
 def _dtypes(f: ModelFacts, s: StepShape) -> tuple[int, int, int, bool]:
@@ -226,9 +231,20 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
     if s.use_cache:
         b += 2 * R(T * kvh * ec)                     # DynamicCache keeps K/V copies during training
     hd = h // f.heads
-    flash = autocast and hd % 8 == 0 and hd <= 256
-    lse_s = s.seq_len if flash else math.ceil(s.seq_len / 32) * 32
-    b += R(m * ec) + R(s.batch_size * f.heads * lse_s * 4)   # SDPA output + logsumexp
+    if s.attn_implementation == "eager":
+        # eager attention keeps b·h·s² tensors: the softmax output (fp32 under autocast), with dropout its mask
+        # (1 B) and output, and under autocast the copy cast to the compute dtype for the product with V
+        bhss = s.batch_size * f.heads * s.seq_len * s.seq_len
+        probs = 4 if autocast else ew
+        b += R(bhss * probs) + R(m * ec)
+        if f.attn_dropout > 0:
+            b += R(bhss) + (0 if autocast else R(bhss * probs))
+        if autocast:
+            b += R(bhss * ec)
+    else:
+        flash = autocast and hd % 8 == 0 and hd <= 256
+        lse_s = s.seq_len if flash else math.ceil(s.seq_len / 32) * 32
+        b += R(m * ec) + R(s.batch_size * f.heads * lse_s * 4)   # SDPA output + logsumexp
     if "o" in a:
         b += lora_site(m)
     if f.model_type == "gpt2":
