@@ -34,6 +34,8 @@ GRID = {
     # eager attention keeps the b·h·s² probabilities (GPT-2: fp32 softmax, dropout mask and output / bf16 copy)
     "eager-fp32": dict(attn_implementation="eager", batch_size=4),
     "eager-bf16": dict(attn_implementation="eager", dtype="bf16", batch_size=4, targets=("c_attn", "c_proj", "c_fc")),
+    # LoRA weights (and AdamW's states) in bf16 instead of PEFT's fp32: lora_A sees bf16 inputs
+    "bf16-adapter": dict(adapter_dtype="bf16", targets=("c_attn", "c_proj", "c_fc")),
     "qlora-trl-casting": dict(quantization="4bit", dtype="bf16", weights_dtype="bf16", gradient_checkpointing=True,
                               prepare_kbit=True, trl_casting=True),
     "b1-s128": dict(batch_size=1, seq_len=128),

@@ -140,18 +140,10 @@ def estimate(config: Any, shape: StepShape, method: str = "trace", facts: Any = 
             else:
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                 note = f"trace failed ({reason}); closed form used, not cross-checked by a trace"
-            return replace(est, notes=est.notes + (note,) + _closed_form_gaps(shape))
+            return replace(est, notes=est.notes + (note,))
     t0 = time.perf_counter()
     est = closed_form(facts or model_facts(config, shape), shape)
-    return replace(est, wall_s=time.perf_counter() - t0, notes=est.notes + _closed_form_gaps(shape))
-
-
-def _closed_form_gaps(shape: StepShape) -> tuple[str, ...]:
-    """A note naming the plan's stack settings the closed form does not model (only the trace does). It models
-    prepare_kbit and trl_casting (each weight in its own dtype, the fp32 embedding output, the head weight's copy)
-    and Liger's fused cross-entropy (one chunk of logits) and eager attention (the b·h·s² probabilities)."""
-    gaps = [k for k, on in ((f"adapter_dtype={shape.adapter_dtype}", shape.adapter_dtype != "fp32"),) if on]
-    return (f"the closed form does not model {', '.join(gaps)} (the trace does): expect it to be low",) if gaps else ()
+    return replace(est, wall_s=time.perf_counter() - t0)
 
 
 def _largest(fits: Callable[[int], bool], hi_limit: int) -> int:

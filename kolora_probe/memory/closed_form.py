@@ -207,7 +207,8 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
     quant = s.quantization != "none"                # 8-bit is assumed to behave like 4-bit here (approximate)
     drop = s.lora_dropout > 0
     kvh = f.kv_heads * (h // f.heads)
-    lo = ec if autocast else 4                       # dtype lora_A sees: PEFT casts its input to the fp32 LoRA
+    ab = _BYTES[s.adapter_dtype]
+    lo = ab if ab != 4 else (ec if autocast else 4)  # dtype lora_A sees: PEFT casts its input to the LoRA
                                                      # weight dtype; autocast casts it back to the compute dtype
 
     def lora_site(in_elems: int) -> int:
@@ -277,7 +278,8 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
                              ("o", (h, h)), ("fc", (h, f.ffn)), ("gate", (h, f.ffn)), ("up", (h, f.ffn)),
                              ("down", (f.ffn, h))):
             if role in a:
-                b += R(i * r * ec) + R(r * o * ec)   # casts of lora_A / lora_B
+                if _BYTES[s.adapter_dtype] != ec:
+                    b += R(i * r * ec) + R(r * o * ec)   # casts of lora_A / lora_B
     return b
 
 
@@ -295,7 +297,8 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
         extra += R(f.vocab * f.hidden * ec)           # low-precision copy of the head weight, saved for the input grad
     if f.head_adapted:
         drop = s.lora_dropout > 0
-        lo = ec if autocast else 4
+        ab = _BYTES[s.adapter_dtype]
+        lo = ab if ab != 4 else (ec if autocast else 4)
         extra += (R(T * f.hidden) if drop else 0) + R(T * f.hidden * lo) + R(T * s.r * lo)
         fwd = 3 * R(TV * ec) if ec == 4 else R(TV * ec) + 2 * R(TV * 4)
         if fwd > bwd:
@@ -328,9 +331,10 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
     R = round_block
     comp = {k: 0 for k in COMPONENTS}
     comp["frozen_weights"] = facts.frozen_weight_bytes + facts.quantized_bytes
-    comp["lora_weights"] = sum(R(4 * n) for n in facts.lora_numels)
+    ab = _BYTES[shape.adapter_dtype]                   # PEFT's fp32, or what TRL / the user cast them to
+    comp["lora_weights"] = sum(R(ab * n) for n in facts.lora_numels)
     if shape.optimizer == "adamw":
-        comp["optimizer_states"] = sum(2 * R(4 * n) for n in facts.lora_numels)
+        comp["optimizer_states"] = sum(2 * R(ab * n) for n in facts.lora_numels)   # AdamW: the params' dtype
     elif shape.optimizer in BNB_OPTIMIZERS:   # paged state buffers live outside PyTorch's allocator
         comp["optimizer_states"] = sum(b for b, paged in bnb_state_tensors(list(facts.lora_numels), shape.optimizer,
                                                                            CUDA_BLOCK) if not paged)
