@@ -62,9 +62,9 @@ class ModelFacts:
     head_adapted: bool
     tied_head: bool
     lora_r: int
-    embed_bytes: int = 0               # bytes per element of the input embedding (fp32 after prepare_kbit); 0: weights'
-    attn_dropout: float = 0.0          # attention-probability dropout in training (GPT-2's attn_pdrop)
-    head_bytes: int = 0                # bytes per element of the output head's weight; 0: the weights' dtype
+    embed_bytes: int                   # bytes per element of the input embedding (fp32 after prepare_kbit)
+    head_bytes: int                    # bytes per element of the output head's weight
+    attn_dropout: float                # attention-probability dropout in training (GPT-2's attn_pdrop)
 
 
 def _role(name: str) -> str | None:
@@ -197,6 +197,20 @@ def _dtypes(f: ModelFacts, s: StepShape) -> tuple[int, int, int, bool]:
     return ew, ec, res, autocast
 
 
+def _lora_input_bytes(s: StepShape, ec: int, autocast: bool) -> int:
+    """Bytes per element of what lora_A sees (and saves): PEFT casts its input to the LoRA weights' dtype; for
+    fp32 adapters autocast casts it back to the compute dtype."""
+    ab = _BYTES[s.adapter_dtype]
+    return ab if ab != 4 else (ec if autocast else 4)
+
+
+def _head_weight_copy(f: ModelFacts, s: StepShape) -> int:
+    """The autocast copy of the head weight in the compute dtype (saved for the input gradient), when the head's own
+    dtype differs from it (fp32 weights, or an fp32 head after prepare_kbit); 0 otherwise."""
+    _, ec, _, autocast = _dtypes(f, s)
+    return round_block(f.vocab * f.hidden * ec) if autocast and f.head_bytes != ec else 0
+
+
 def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
     """Bytes one transformer layer keeps for backward (no checkpointing), CUDA kernels, 512-B rounding."""
     R = round_block
@@ -207,9 +221,7 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
     quant = s.quantization != "none"                # 8-bit is assumed to behave like 4-bit here (approximate)
     drop = s.lora_dropout > 0
     kvh = f.kv_heads * (h // f.heads)
-    ab = _BYTES[s.adapter_dtype]
-    lo = ab if ab != 4 else (ec if autocast else 4)  # dtype lora_A sees: PEFT casts its input to the LoRA
-                                                     # weight dtype; autocast casts it back to the compute dtype
+    lo = _lora_input_bytes(s, ec, autocast)
 
     def lora_site(in_elems: int) -> int:
         # dropout mask (1 B/elem) + lora_A's saved input + lora_A output (saved by lora_B)
@@ -286,19 +298,16 @@ def _layer_bytes(f: ModelFacts, s: StepShape) -> int:
 def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, str, str]:
     """(bytes, phase, op) of the head and loss peak, above resident memory and saved activations."""
     R = round_block
+    if s.fused_cross_entropy:
+        return _fused_ce_peak(f, s)
     T = s.batch_size * s.seq_len
     TV = T * f.vocab
-    ew, ec, _, autocast = _dtypes(f, s)
-    if s.fused_cross_entropy:
-        return _fused_ce_peak(f, s, body_in_scope)
+    _, ec, _, autocast = _dtypes(f, s)
     bwd = 3 * R(TV * 4)                               # log_softmax out + NLL grad + log_softmax grad (fp32)
-    extra = 0
-    if body_in_scope and autocast and (f.head_bytes or ew) != ec:
-        extra += R(f.vocab * f.hidden * ec)           # low-precision copy of the head weight, saved for the input grad
+    extra = _head_weight_copy(f, s) if body_in_scope else 0
     if f.head_adapted:
         drop = s.lora_dropout > 0
-        ab = _BYTES[s.adapter_dtype]
-        lo = ab if ab != 4 else (ec if autocast else 4)
+        lo = _lora_input_bytes(s, ec, autocast)
         extra += (R(T * f.hidden) if drop else 0) + R(T * f.hidden * lo) + R(T * s.r * lo)
         fwd = 3 * R(TV * ec) if ec == 4 else R(TV * ec) + 2 * R(TV * 4)
         if fwd > bwd:
@@ -306,7 +315,7 @@ def _head_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, s
     return bwd + extra, "backward", "aten._log_softmax_backward_data (fp32 logits)"
 
 
-def _fused_ce_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[int, str, str]:
+def _fused_ce_peak(f: ModelFacts, s: StepShape) -> tuple[int, str, str]:
     """Liger's fused linear cross-entropy (see :func:`kolora_probe.memory.trace._fused_linear_ce_function`): at the
     end of the forward the shifted hidden states (a contiguous copy), the gradient w.r.t. them and the per-token
     loss are live, plus one chunk of logits (chunk = next power of two of BT / ⌈V/H⌉ rows) and its product with
@@ -319,9 +328,7 @@ def _fused_ce_peak(f: ModelFacts, s: StepShape, body_in_scope: bool) -> tuple[in
     mb = ec if autocast else ew                       # the matmuls' dtype
     chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(bt / math.ceil(v / h))))))
     chunk = min(chunk, bt)
-    peak = 2 * R(bt * h * xb) + R(bt * 4) + R(chunk * v * mb) + R(chunk * h * mb)
-    if autocast and (f.head_bytes or ew) != ec:
-        peak += R(v * h * ec)                         # the autocast copy of the head weight
+    peak = 2 * R(bt * h * xb) + R(bt * 4) + R(chunk * v * mb) + R(chunk * h * mb) + _head_weight_copy(f, s)
     return peak, "forward", "fused linear cross-entropy (one chunk of logits)"
 
 
@@ -340,12 +347,12 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
                                                                            CUDA_BLOCK) if not paged)
     T = shape.batch_size * shape.seq_len
     m = T * facts.hidden
-    ew, _, res, _ = _dtypes(facts, shape)
+    ew, ec, res, _ = _dtypes(facts, shape)
     n_scope = 0 if facts.lowest_adapted_layer is None else facts.layers - facts.lowest_adapted_layer
     if shape.gradient_checkpointing and n_scope:
         # each checkpointed layer keeps only its input (the first one the embedding output, in the weight dtype);
         # HF's checkpointing makes the embedding output require grad, so its dropout mask and input stay too
-        comp["activations"] = (n_scope - 1) * R(m * res) + 2 * R(m * (facts.embed_bytes or ew)) + R(m)
+        comp["activations"] = (n_scope - 1) * R(m * res) + 2 * R(m * facts.embed_bytes) + R(m)
     else:
         comp["activations"] = n_scope * _layer_bytes(facts, shape)
     if n_scope:
@@ -358,7 +365,6 @@ def closed_form(facts: ModelFacts, shape: StepShape) -> MemoryEstimate:
         # + the gradient of the MLP's inner activation the backward holds while it runs through the layer (fp32
         # from the activation's backward and its copy in the compute dtype; gate and up for a gated MLP)
         ff = T * facts.ffn
-        _, ec, _, _ = _dtypes(facts, shape)
         recompute = (_layer_bytes(facts, shape) + 2 * R(m * res)
                      + (R(ff * 4) + R(ff * ec)) * (2 if facts.gated_mlp else 1))
         if recompute > head:
