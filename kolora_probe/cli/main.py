@@ -14,7 +14,11 @@ import sys
 from kolora_probe.model.source import ModelConfigError, ModelNotFound, RemoteCodeRefused
 from kolora_probe.plan.schema import PlanError
 
-_AT_EXIT: list = []
+# At interpreter exit the cyclic collector would scan torch's, transformers' and peft's module state (millions of
+# objects, none of it garbage) in several passes: ~0.5-0.9 s per command. Frozen, they are skipped; objects are still
+# released by reference counting and module teardown. Registered once, when the command line is imported.
+atexit.register(gc.freeze)
+
 SUBCOMMANDS = ("check", "env", "analyze", "lora", "estimate", "monitor", "plan")
 
 
@@ -37,12 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # At interpreter exit the cyclic collector would scan torch's, transformers' and peft's module state (millions of
-    # objects, none of it garbage) in several passes: ~0.5-0.9 s per command. Frozen, they are skipped; objects are
-    # still released by reference counting and module teardown. Registered at most once; harmless in-process.
-    if gc.freeze not in _AT_EXIT:
-        _AT_EXIT.append(gc.freeze)
-        atexit.register(gc.freeze)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "command", None) == "check":  # every argument is pytest's (with the plugin's options)

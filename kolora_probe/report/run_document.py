@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -15,6 +16,19 @@ MAX_LIST_ITEMS = 1000      # a plan's list (e.g. 200,000 target modules) is kept
 MAX_STRING_CHARS = 10_000  # and a plan's string to this many characters
 
 
+_CUT = "… {left:,} more of {total:,} items not shown"   # the last item of a list bounded() cut
+
+
+def bounded_list_total(items: list) -> tuple[list, int]:
+    """(the items shown, how many the list had) of a list as :func:`bounded` left it."""
+    items = list(items)
+    cut = re.fullmatch(r"… [\d,]+ more of ([\d,]+) items not shown", items[-1]) if items and isinstance(
+        items[-1], str) else None
+    if cut:
+        return items[:-1], int(cut.group(1).replace(",", ""))
+    return items, len(items)
+
+
 def bounded(value: Any, max_items: int = MAX_LIST_ITEMS, max_chars: int = MAX_STRING_CHARS) -> Any:
     """``value`` (JSON-like) with every list longer than ``max_items`` cut to its first ``max_items`` items plus
     one string saying how many were left out, and every string longer than ``max_chars`` cut likewise: the
@@ -24,7 +38,7 @@ def bounded(value: Any, max_items: int = MAX_LIST_ITEMS, max_chars: int = MAX_ST
     if isinstance(value, (list, tuple)):
         items = [bounded(v, max_items, max_chars) for v in value[:max_items]]
         if len(value) > max_items:
-            items.append(f"… {len(value) - max_items:,} more of {len(value):,} items not shown")
+            items.append(_CUT.format(left=len(value) - max_items, total=len(value)))
         return items
     if isinstance(value, str) and len(value) > max_chars:
         return value[:max_chars] + f"… ({len(value) - max_chars:,} more characters not shown)"

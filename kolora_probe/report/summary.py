@@ -7,7 +7,6 @@ failures grouped by root cause. Numbers carry human units beside the raw value.
 from __future__ import annotations
 
 import html
-import re
 from typing import Any
 
 _STYLE = """<style>
@@ -35,14 +34,13 @@ def _e(v: Any) -> str:
 
 
 def _first(items: Any, n: int = 20) -> str:
-    """A list as Python shows it, its first ``n`` items only (a plan may list thousands of targets)."""
-    items = list(items or [])
-    total = len(items)
-    if items and isinstance(items[-1], str) and items[-1].startswith("… "):   # cut by run_document.bounded
-        m = re.search(r"of ([\d,]+) items not shown", items.pop())
-        total = int(m.group(1).replace(",", "")) if m else len(items)
-    more = total - min(n, len(items))
-    return str(items[:n]) + (f" … and {more:,} more" if more > 0 else "")
+    """A list as Python shows it, its first ``n`` items only, and how many more the plan had (the run document
+    keeps at most 1,000 of a list: :func:`kolora_probe.report.run_document.bounded`)."""
+    from kolora_probe.report.run_document import bounded_list_total
+
+    shown, total = bounded_list_total(items or [])
+    more = total - min(n, len(shown))
+    return str(shown[:n]) + (f" … and {more:,} more" if more > 0 else "")
 
 
 def human_bytes(b: float) -> str:
