@@ -53,6 +53,23 @@ def test_bad_override_is_one_line(tmp_path):
     assert "PLAN ERROR: --dtype 'bf17' is invalid; expected one of 'fp32', 'fp16', 'bf16'" in run.output
 
 
+def test_bad_stack_option_is_one_line_and_the_rest_still_runs(tmp_path):
+    """The stack options (--attn-implementation, --[no-]prepare-kbit, ...) are validated like every plan option: one
+    line naming the option and the allowed values; the environment checks still run, the reports are written."""
+    run = run_suite(*CPU_CHECKS, "--attn-implementation", "flash3", "--no-prepare-kbit", reports=tmp_path)
+    assert run.returncode == 1
+    line = "--attn-implementation 'flash3' is invalid; expected one of 'sdpa', 'eager', 'flash_attention_2'"
+    assert f"PLAN ERROR: {line}" in run.output
+    assert run.outcome("test_plan_is_valid")["message"] == f"invalid plan: {line}"
+    assert run.outcome("test_dependency_graph_consistent")["outcome"] == "passed"
+    assert all((tmp_path / n).is_file() for n in ("report.html", "junit.xml", "environment.json"))
+    ok = run_suite("checks/test_plan.py", "--no-prepare-kbit", "--attn-implementation", "eager",
+                   reports=tmp_path / "ok")
+    assert ok.returncode == 0, ok.output
+    assert ok.environment["plan"]["training"]["prepare_kbit"] is False
+    assert ok.environment["overrides"] == {"--no-prepare-kbit": False, "--attn-implementation": "eager"}
+
+
 def test_gpu_checks_fail_without_gpu_with_the_reason(gpu_selection_run):
     run = gpu_selection_run                               # run_suite("-m", "gpu"), shared with test_faults
     assert run.returncode == 1, run.output
